@@ -1,0 +1,140 @@
+"""Data loaders whose order and augmentation are a pure function of (seed, epoch, position).
+
+Why not timm's create_loader as is: exact resume (a run stopped mid-epoch and resumed ends bit-identical to
+the uninterrupted run) needs the sample order and every random augmentation to be reproducible from the
+step alone, whatever the number of workers. So:
+- `EpochSampler` draws the permutation of epoch e from a generator seeded with (seed, e), splits it over
+  the ranks, and can start at a batch offset (mid-epoch resume skips what was already seen, without loading
+  it). It yields (index, sample_seed) pairs;
+- `SeededTransformDataset` applies the transform under the RNG state of that sample_seed, saving and
+  restoring the process's global RNG around it, so augmentation neither depends on nor disturbs the
+  training RNG.
+The transforms themselves are timm's (create_transform), so every timm augmentation flag works.
+"""
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from timm.data import create_transform
+
+
+class EpochSampler(Sampler):
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _rank_indices(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=gen)
+        else:
+            order = torch.arange(self.num_samples)
+        if self.world_size > 1:
+            # every rank gets the same number of samples: drop the tail when training, keep all for eval
+            per_rank = self.num_samples // self.world_size if self.drop_last else None
+            order = order[self.rank::self.world_size]
+            if per_rank is not None:
+                order = order[:per_rank]
+        return order
+
+    def batches_per_epoch(self) -> int:
+        n = len(self._rank_indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self):
+        n = len(self._rank_indices())
+        if self.drop_last:
+            n = (n // self.batch_size) * self.batch_size
+        return max(n - self.start_batch * self.batch_size, 0)
+
+    def __iter__(self):
+        order = self._rank_indices()
+        if self.drop_last:
+            order = order[:(len(order) // self.batch_size) * self.batch_size]
+        order = order[self.start_batch * self.batch_size:].tolist()
+        base = (self.seed * 1000003 + self.epoch) * 1000003
+        for idx in order:
+            yield idx, (base + idx) % (2 ** 63 - 1)
+
+
+class SeededTransformDataset(Dataset):
+    """Wraps a dataset whose items are (image, target); applies `transform` under a per-sample seed."""
+
+    def __init__(self, dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+        # the wrapped dataset must hand back untransformed images
+        if hasattr(dataset, 'transform'):
+            dataset.transform = None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, sample_seed = item if isinstance(item, tuple) else (item, None)
+        img, target = self.dataset[index]
+        if sample_seed is None:
+            return self.transform(img), target
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % (2 ** 32))
+            img = self.transform(img)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return img, target
+
+
+def build_train_transform(args, data_config):
+    return create_transform(
+        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+
+
+def build_eval_transform(data_config):
+    return create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'))
+
+
+def create_train_loader(dataset, transform, batch_size: int, seed: int, workers: int, rank: int = 0,
+                        world_size: int = 1, pin_memory: bool = False, collate_fn=None):
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(f'the training set has {len(dataset)} images, fewer than one global batch of '
+                         f'{batch_size * world_size} (batch size {batch_size} x {world_size} processes) with '
+                         f'drop-last; lower --batch-size to at most {max(len(dataset) // world_size, 1)}')
+    sampler = EpochSampler(len(dataset), batch_size, seed=seed, shuffle=True, drop_last=True, rank=rank,
+                           world_size=world_size)
+    return DataLoader(
+        SeededTransformDataset(dataset, transform), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed))
+
+
+def create_eval_loader(dataset, transform, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False):
+    sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False, rank=rank,
+                           world_size=world_size)
+    return DataLoader(
+        SeededTransformDataset(dataset, transform), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0)

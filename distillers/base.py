@@ -1,0 +1,169 @@
+"""The distiller interface every method implements (see README "Writing a distiller").
+
+A distiller is an nn.Module that owns the student and the method's own trainable modules (projectors,
+heads), so that DDP, the optimizer and the checkpoint see exactly the trainable parts. The teacher is held
+outside the module tree: it is not a submodule, so it is never wrapped by DDP, never optimized, never
+saved, and `.to()`/`.train()` on the distiller do not reach it (train.py moves it; `train()` below keeps it
+in eval mode).
+
+`forward(images, labels, epoch)` returns `(student_logits, losses)`, where `losses` maps names to scalar
+tensors that are already weighted, the task term `loss_gt` included. train.py sums them and never
+re-weights.
+"""
+import contextlib
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from models.features import FeatureAdapter, FeatureRequest, Features
+
+
+def hard_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices from hard (B,) or soft (B, K) labels; ties go to the first maximal index."""
+    if labels.ndim == 1:
+        return labels.long()
+    return labels.argmax(dim=-1)
+
+
+@contextlib.contextmanager
+def float32_loss(device_type: str):
+    """Loss math runs in float32 even inside an autocast region."""
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+class DistillerError(ValueError):
+    """The distiller cannot serve this student/teacher pair or these settings (raised before training)."""
+
+
+class Distiller(nn.Module):
+    name = ''
+    needs_teacher = True
+    # weights applied when --gt-loss-weight / --kd-loss-weight are not given (the method's own spec values)
+    default_gt_loss_weight = 1.0
+    default_kd_loss_weight = 1.0
+    # set where some trainable parameters legitimately get no gradient in a step
+    find_unused_parameters = False
+
+    @classmethod
+    def add_args(cls, parser):
+        """Add the method's namespaced flags (e.g. --dkd-alpha) to `parser` (an argparse group)."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], criterion: nn.Module, args,
+                 input_size: Sequence[int]):
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise DistillerError(f'distiller {self.name!r} needs a teacher; pass --teacher NAME')
+        self.student = student
+        object.__setattr__(self, 'teacher', teacher)  # not a submodule, see module docstring
+        self.criterion = criterion
+        self.input_size = tuple(input_size)
+        gt = getattr(args, 'gt_loss_weight', None)
+        kd = getattr(args, 'kd_loss_weight', None)
+        self.kd_loss_weight = self.default_kd_loss_weight if kd is None else float(kd)
+        self.gt_loss_weight = self.resolve_gt_loss_weight() if gt is None else float(gt)
+        self.teacher_train_mode = bool(getattr(args, 'teacher_train_mode', False))
+        self._student_adapter = None
+        self._teacher_adapter = None
+        # teacher input re-normalization when its mean/std differ from the student's (set by train.py)
+        self.teacher_norm = None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.train(self.teacher_train_mode)
+
+    def resolve_gt_loss_weight(self) -> float:
+        return self.default_gt_loss_weight
+
+    # ---------------------------------------------------------------- features
+    @property
+    def student_adapter(self) -> FeatureAdapter:
+        if self._student_adapter is None:
+            self._student_adapter = FeatureAdapter(self.student, self.input_size)
+        return self._student_adapter
+
+    @property
+    def teacher_adapter(self) -> FeatureAdapter:
+        if self._teacher_adapter is None:
+            self._teacher_adapter = FeatureAdapter(self.teacher, self.input_size)
+        return self._teacher_adapter
+
+    def set_teacher_normalization(self, student_mean, student_std, teacher_mean, teacher_std):
+        """Re-normalize the teacher's input when it was trained with another mean/std (as timm's task does)."""
+        if tuple(student_mean) == tuple(teacher_mean) and tuple(student_std) == tuple(teacher_std):
+            self.teacher_norm = None
+            return
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                        for v in (student_mean, student_std, teacher_mean, teacher_std))
+        # x_t = (x_s * s_std + s_mean - t_mean) / t_std = x_s * scale + shift
+        self.teacher_norm = (s_std / t_std, (s_mean - t_mean) / t_std)
+
+    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
+        if self.teacher_norm is None:
+            return images
+        scale, shift = (v.to(device=images.device, dtype=images.dtype) for v in self.teacher_norm)
+        return images * scale + shift
+
+    def teacher_forward(self, images: torch.Tensor, request: Optional[FeatureRequest] = None) -> Features:
+        """The frozen teacher's logits (and requested features), as float32 constants."""
+        teacher = self.teacher
+        if teacher.training != self.teacher_train_mode:
+            teacher.train(self.teacher_train_mode)
+        with torch.no_grad():
+            x = self.teacher_input(images)
+            if request is None:
+                out = Features(logits=teacher(x))
+            else:
+                out = self.teacher_adapter(x, request)
+        return _features_to_float(out)
+
+    def student_forward(self, images: torch.Tensor, request: Optional[FeatureRequest] = None) -> Features:
+        if request is None:
+            return Features(logits=self.student(images))
+        return self.student_adapter(images, request)
+
+    def gt_loss(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with float32_loss(student_logits.device.type):
+            return self.gt_loss_weight * self.criterion(student_logits.float(), labels)
+
+    # ---------------------------------------------------------------- module state
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.train(self.teacher_train_mode)
+        return self
+
+    def distiller_state_dict(self) -> Dict[str, torch.Tensor]:
+        """State of the method's own modules (projectors, heads), without the student."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith('student.')}
+
+    def load_distiller_state_dict(self, state: Dict[str, torch.Tensor]):
+        own = {k for k in self.state_dict() if not k.startswith('student.')}
+        missing = sorted(own - set(state))
+        unexpected = sorted(set(state) - own)
+        if missing or unexpected:
+            raise DistillerError(f'distiller state does not fit {self.name!r}: missing {missing[:8]}, '
+                                 f'unexpected {unexpected[:8]}')
+        self.load_state_dict({**state, **{f'student.{k}': v for k, v in self.student.state_dict().items()}})
+
+    def no_weight_decay(self):
+        names = set()
+        if hasattr(self.student, 'no_weight_decay'):
+            names |= {f'student.{n}' for n in self.student.no_weight_decay()}
+        return names
+
+    def extra_parameters(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith('student.'))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def _features_to_float(f: Features) -> Features:
+    def cast(t):
+        return t.float() if t is not None and t.is_floating_point() else t
+    return Features(logits=cast(f.logits), stages={k: cast(v) for k, v in f.stages.items()},
+                    blocks={k: cast(v) for k, v in f.blocks.items()},
+                    prefix={k: cast(v) for k, v in f.prefix.items()},
+                    final=cast(f.final), pre_logits=cast(f.pre_logits))

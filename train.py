@@ -1,0 +1,1059 @@
+#!/usr/bin/env python3
+""" UFD-KD training script: distill any timm teacher into any timm student.
+
+In the tradition of timm's train.py. `-c/--config FILE.yaml` supplies defaults (keys are the flags' dest
+names), any flag on the command line overrides them. One process runs on the CPU or one GPU;
+`torchrun --nproc_per_node=N train.py ...` runs DDP over N processes (nccl on GPUs, gloo on the CPU).
+
+    python train.py -c configs/demo/teacher.yaml
+    torchrun --nproc_per_node=8 train.py /data/imagenet -c configs/imagenet/swin_tiny_resnet18_ufd.yaml
+
+What a distiller is and how train.py uses it: distillers/base.py. The checkpoint format: models/checkpoint.py.
+"""
+import argparse
+import csv
+import datetime
+import difflib
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext, suppress
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+
+from timm.data import Mixup, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, init_distributed_device
+
+import models  # noqa: F401  (registers the CIFAR models in timm)
+from data import DatasetError, create_datasets
+from data.loader import build_eval_transform, build_train_transform, create_eval_loader, create_train_loader
+from distillers import DISTILLERS, DistillerError, add_distiller_args, get_distiller_class
+from models.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_save, file_sha256,
+                               load_checkpoint_file, load_model_weights)
+from models.factory import ModelError, create_model_at_size
+
+_logger = logging.getLogger('train')
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one sentence on stderr, exit status 2, nothing written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors become UsageError; no prefix abbreviations, so a misspelt flag is never taken for another."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# The first parser only knows -c/--config; the YAML it names becomes the defaults of the main parser.
+config_parser = ArgumentParser(description='Training config', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML file whose keys (flag dest names) set the defaults of any flag')
+
+parser = ArgumentParser(description='UFD-KD: knowledge distillation for timm models')
+
+group = parser.add_argument_group('Dataset parameters')
+group.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional, as in timm)')
+group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+group.add_argument('--dataset', metavar='NAME', default='',
+                   help='"" / imagefolder (train/ and val/ folders), torch/cifar100, torch/cifar10, synthetic, '
+                        'or any timm dataset name')
+group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+group.add_argument('--val-split', metavar='NAME', default='val', help='dataset validation split (default: val)')
+group.add_argument('--dataset-download', action='store_true', default=False,
+                   help='download the torch/ dataset when it is not under --data-dir')
+group.add_argument('--synthetic-classes', type=int, default=10, metavar='N', help='synthetic: classes')
+group.add_argument('--synthetic-train-size', type=int, default=5000, metavar='N', help='synthetic: train images')
+group.add_argument('--synthetic-val-size', type=int, default=1000, metavar='N', help='synthetic: val images')
+group.add_argument('--synthetic-seed', type=int, default=0, metavar='S',
+                   help='synthetic: seed of the class definitions and samples (independent of --seed)')
+
+group = parser.add_argument_group('Model parameters (the student)')
+group.add_argument('--model', default='resnet18', type=str, metavar='MODEL', help='student model (timm name)')
+group.add_argument('--pretrained', action='store_true', default=False, help='start from timm pretrained weights')
+group.add_argument('--pretrained-path', default=None, type=str, metavar='PATH',
+                   help='load these weights as the pretrained ones (timm pretrained_cfg file overlay)')
+group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                   help='load this checkpoint into the student after creation')
+group.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help='continue a run from this checkpoint, or "auto" for the newest valid one of the run folder')
+group.add_argument('--no-resume-opt', action='store_true', default=False,
+                   help='when resuming, do not restore the optimizer and scaler state')
+group.add_argument('--num-classes', type=int, default=None, metavar='N', help='classes (default: the dataset\'s)')
+group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type of the student')
+group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (square)')
+group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                   help='input dimensions (C H W), overrides --img-size')
+group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='eval center crop ratio')
+group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='dataset mean')
+group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='dataset std')
+group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='eval resize interpolation')
+group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size PER PROCESS')
+group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                   help='validation batch size (default: --batch-size)')
+group.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer update')
+group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                   help='gradient checkpointing in the student')
+group.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='extra keyword arguments of the student constructor (values parsed as YAML)')
+group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0)')
+group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='torch.compile the training step (backend, default inductor)')
+
+group = parser.add_argument_group('Teacher parameters')
+group.add_argument('--teacher', default='', type=str, metavar='MODEL', help='teacher model (timm name)')
+group.add_argument('--teacher-checkpoint', default='', type=str, metavar='PATH',
+                   help='teacher weights: a checkpoint of this project or timm, or a bare state_dict')
+group.add_argument('--teacher-pretrained', nargs='?', default=None, const='', type=str, metavar='PATH',
+                   help='alone: timm pretrained weights of --teacher; with a path: as --teacher-checkpoint (OFAKD)')
+group.add_argument('--teacher-use-ema', '--use-ema-teacher', dest='teacher_use_ema', action='store_true',
+                   default=False, help='load the EMA weights of the teacher checkpoint')
+group.add_argument('--teacher-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='extra keyword arguments of the teacher constructor (values parsed as YAML)')
+group.add_argument('--teacher-eval-first', action='store_true', default=False,
+                   help='validate the teacher on the val split before training and print its top-1')
+group.add_argument('--teacher-train-mode', action='store_true', default=False,
+                   help='run the teacher in train mode (drop-path on, BN batch statistics), as the original '
+                        'ScaleKD/UFD runs did; its weights stay frozen')
+
+group = parser.add_argument_group('Distillation parameters')
+group.add_argument('--distiller', default='vanilla', type=str, metavar='NAME',
+                   help=f'distillation method: {", ".join(DISTILLERS)}')
+group.add_argument('--gt-loss-weight', type=float, default=None, metavar='W',
+                   help='weight of the task loss (default: the method\'s own, 1 - alpha for kd)')
+group.add_argument('--kd-loss-weight', type=float, default=None, metavar='W',
+                   help='weight of the logit distillation term (default: the method\'s own)')
+add_distiller_args(parser.add_argument_group('Method parameters'))
+
+group = parser.add_argument_group('Optimizer parameters')
+group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='timm optimizer (default: sgd)')
+group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum (default: 0.9)')
+group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients (default: off)')
+group.add_argument('--clip-mode', type=str, default='norm', choices=['norm', 'value', 'agc'],
+                   help='gradient clipping mode')
+
+group = parser.add_argument_group('Learning rate schedule parameters')
+group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: cosine)')
+group.add_argument('--sched-on-updates', action='store_true', default=False,
+                   help='step the schedule per optimizer update instead of per epoch')
+group.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (default: --lr-base scaled by the global batch)')
+group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                   help='base learning rate: lr = lr_base * global_batch / lr_base_size')
+group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base batch size of --lr-base')
+group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='linear or sqrt scaling')
+group.add_argument('--lr-k-decay', type=float, default=1.0, help='cosine k-decay (default: 1)')
+group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate')
+group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound of the schedule')
+group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs to train (default: 300)')
+group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
+group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                   help='epochs of the multistep decays')
+group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval of step decay')
+group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs')
+group.add_argument('--warmup-prefix', action='store_true', default=False,
+                   help='exclude warmup from the decay schedule')
+group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min lr after the schedule')
+group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau patience')
+group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+
+group = parser.add_argument_group('Augmentation and regularization parameters')
+group.add_argument('--no-aug', action='store_true', default=False, help='no training augmentation')
+group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                   help='random resized crop scale')
+group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                   help='random resized crop aspect ratio')
+group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+group.add_argument('--aa', type=str, default=None, metavar='NAME',
+                   help='RandAugment/AutoAugment policy, e.g. rand-m9-mstd0.5-inc1 or original')
+group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erasing probability')
+group.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+group.add_argument('--recount', type=int, default=1, help='random erasing count')
+group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (on when > 0)')
+group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (on when > 0)')
+group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
+group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix when both on')
+group.add_argument('--mixup-mode', type=str, default='batch', help='how to apply mixup/cutmix: batch, pair, elem')
+group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn mixup off after this epoch')
+group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+group.add_argument('--bce-loss', action='store_true', default=False, help='binary cross entropy task loss')
+group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
+
+group = parser.add_argument_group('Model exponential moving average')
+group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the student')
+group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
+group.add_argument('--model-ema-warmup', action='store_true', help='warm the EMA decay up')
+
+group = parser.add_argument_group('Miscellaneous parameters')
+group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+group.add_argument('--deterministic', action='store_true', default=False,
+                   help='deterministic algorithms (bit-exact reruns and resumes; slower on GPUs)')
+group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between log lines')
+group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                   help='optimizer updates between mid-epoch recovery checkpoints (0: off)')
+group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='best checkpoints kept')
+group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes')
+group.add_argument('--amp', action='store_true', default=False, help='mixed precision (autocast)')
+group.add_argument('--amp-dtype', default='float16', type=str, choices=['float16', 'bfloat16'],
+                   help='autocast dtype; float16 uses a GradScaler')
+group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the loader')
+group.add_argument('--device', default=None, type=str, help='cuda, cpu, cuda:1 (default: cuda if available)')
+group.add_argument('--dist-backend', default=None, type=str, help='nccl on GPUs, gloo on the CPU by default')
+group.add_argument('--dist-url', default='env://', type=str, help='torch.distributed init url')
+group.add_argument('--sync-bn', action='store_true', default=False, help='SyncBatchNorm in the student (GPUs)')
+group.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
+group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                   help='run folder name (default: date-model-teacher-distiller)')
+group.add_argument('--overwrite', action='store_true', default=False,
+                   help='allow writing into an existing run folder (its files are replaced)')
+group.add_argument('--eval-metric', default='top1', type=str, choices=['top1', 'top5', 'loss'],
+                   help='metric that picks the best checkpoint')
+group.add_argument('--eval-interval', type=int, default=1, metavar='N', help='evaluate every N epochs (and last)')
+group.add_argument('--nan-check', action=argparse.BooleanOptionalAction, default=True,
+                   help='stop at the first non-finite loss after saving the last good state (one sync per step)')
+group.add_argument('--debug', action='store_true', default=False, help='show tracebacks of user errors')
+group.add_argument('--local_rank', '--local-rank', dest='local_rank_ignored', default=None, type=int,
+                   help=argparse.SUPPRESS)  # old launchers pass it; the rank comes from LOCAL_RANK
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def _suggest(name, candidates):
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f'; did you mean {" or ".join(close)}?' if close else ''
+
+
+def _coerce_yaml_value(action, key, value, path):
+    """A YAML value as argparse would have produced it from the command line, or a UsageError."""
+    where = f'key {key!r} of config {path!r}'
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f'{where} is a switch and takes true or false, not {value!r}')
+        return value
+    if value is None:
+        return None
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise UsageError(f'{where} takes {action.nargs} values, not {values!r}')
+        return [_coerce_scalar(action, where, v) for v in values]
+    if isinstance(value, (list, dict)):
+        raise UsageError(f'{where} takes one value, not {value!r}')
+    return _coerce_scalar(action, where, value)
+
+
+def _coerce_scalar(action, where, value):
+    kind = action.type
+    if kind is None or kind is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f'{where} takes a string, not {value!r}')
+        value = str(value) if not isinstance(value, str) else value
+    elif kind in (int, float):
+        if isinstance(value, bool):
+            raise UsageError(f'{where} takes a number, not {value!r}')
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f'{where} takes {"an integer" if kind is int else "a number"}, not {value!r}') from None
+        if kind is int and isinstance(value, float) and value != converted:
+            raise UsageError(f'{where} takes an integer, not {value!r}')
+        value = converted
+    else:
+        try:
+            value = kind(value)
+        except Exception:
+            raise UsageError(f'{where} has an invalid value {value!r}') from None
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f'{where} is {value!r}; choose one of {", ".join(map(str, action.choices))}')
+    return value
+
+
+def load_config_defaults(path, main_parser):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f'config file {path!r} cannot be read ({e.strerror})') from None
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise UsageError(f'config file {path!r} is not valid YAML{where}') from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise UsageError(f'config file {path!r} must hold a mapping of flag names to values, '
+                         f'not a {type(cfg).__name__}')
+    actions = {a.dest: a for a in main_parser._actions if a.dest not in ('help',)}
+    defaults = {}
+    for key, value in cfg.items():
+        if key not in actions or key == 'local_rank_ignored':
+            hint = _suggest(str(key).replace('-', '_'), list(actions))
+            raise UsageError(f'unknown key {key!r} in config {path!r}{hint}')
+        defaults[key] = _coerce_yaml_value(actions[key], key, value, path)
+    return defaults
+
+
+def parse_args(argv=None):
+    """CLI > YAML > built-in default. Returns (args, the YAML text of the resolved configuration)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        parser.set_defaults(**load_config_defaults(args_config.config, parser))
+    args, unknown = parser.parse_known_args(remaining)
+    if unknown:
+        flag = unknown[0].split('=')[0]
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith('--')]
+        if flag.startswith('-'):
+            raise UsageError(f'unknown flag {flag}{_suggest(flag, options)}')
+        raise UsageError(f'unexpected argument {flag!r}')
+    args.config = args_config.config
+    resolved = {a.dest: getattr(args, a.dest) for a in parser._actions
+                if a.dest not in ('help', 'local_rank_ignored')}
+    args_text = yaml.safe_dump(resolved, default_flow_style=False, sort_keys=False)
+    return args, args_text
+
+
+def parse_kwargs(items, flag):
+    kwargs = {}
+    for item in items or []:
+        if '=' not in item:
+            raise UsageError(f'{flag} takes KEY=VALUE items, not {item!r}')
+        key, value = item.split('=', 1)
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def is_primary(args):
+    return args.rank == 0
+
+
+def reduce_sum(tensor, args):
+    if args.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rng_state():
+    # only tensors and plain Python values, so the checkpoint loads with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                      has_gauss, cached], 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (what SLURM and other schedulers send before they kill) ask for a clean stop."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, args, device):
+        if not args.distributed:
+            return self.signal is not None
+        # every rank must stop at the same step, so they agree on it
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointManager:
+    """`last.pth.tar` every epoch, `model_best.pth.tar`, the top-k `checkpoint-<epoch>.pth.tar`, and
+    `recovery.pth.tar` mid-epoch; every write atomic. Only rank 0 writes."""
+
+    def __init__(self, folder, metric_decreasing, max_history):
+        self.folder = folder
+        self.decreasing = metric_decreasing
+        self.max_history = max_history
+        self.history = []  # (metric, epoch)
+
+    def better(self, metric, best):
+        if best is None:
+            return True
+        return metric < best if self.decreasing else metric > best
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def save_epoch(self, state, epoch, metric):
+        os.makedirs(self.folder, exist_ok=True)
+        atomic_save(state, self.path('last.pth.tar'))
+        if metric is None:
+            return
+        if self.max_history > 0:
+            self.history.append((metric, epoch))
+            self.history.sort(key=lambda t: t[0], reverse=not self.decreasing)
+            if any(e == epoch for _, e in self.history[:self.max_history]):
+                shutil.copyfile(self.path('last.pth.tar'), self.path(f'.checkpoint-{epoch}.tmp'))
+                os.replace(self.path(f'.checkpoint-{epoch}.tmp'), self.path(f'checkpoint-{epoch}.pth.tar'))
+            for _, old in self.history[self.max_history:]:
+                with suppress(FileNotFoundError):
+                    os.remove(self.path(f'checkpoint-{old}.pth.tar'))
+            self.history = self.history[:self.max_history]
+        if state.get('best_epoch') == epoch:
+            shutil.copyfile(self.path('last.pth.tar'), self.path('.model_best.tmp'))
+            os.replace(self.path('.model_best.tmp'), self.path('model_best.pth.tar'))
+
+    def save_recovery(self, state):
+        os.makedirs(self.folder, exist_ok=True)
+        atomic_save(state, self.path('recovery.pth.tar'))
+
+
+def find_resume_checkpoint(run_dir):
+    """Newest readable checkpoint of a run folder (last or recovery), skipping corrupt ones."""
+    folder = os.path.join(run_dir, 'checkpoint')
+    candidates = []
+    for name in ('recovery.pth.tar', 'last.pth.tar'):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                ckpt = load_checkpoint_file(path)
+            except CheckpointError as e:
+                _logger.warning(f'skipping {path}: {e}')
+                continue
+            if 'state_dict' in ckpt and 'epoch' in ckpt:
+                candidates.append((ckpt.get('step', 0), ckpt.get('epoch', 0), path, ckpt))
+    if not candidates:
+        return None, None
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    return candidates[-1][2], candidates[-1][3]
+
+
+# ---------------------------------------------------------------------------------------------------- train / eval
+def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr_scheduler, amp_autocast,
+                    loss_scaler, model_ema, mixup_fn, state, writer, preemption, save_recovery, batches_per_epoch):
+    """One epoch (or its remainder after a mid-epoch resume). `state` carries num_updates and the meters."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
+        mixup_fn.mixup_enabled = False
+    model.train()
+    accum = args.grad_accum_steps
+    start_batch = state['batch_idx']
+    sums = state['loss_sums']  # name -> float tensor on device, summed over the epoch's batches
+    seen = state['samples']
+    last_idx = batches_per_epoch - 1
+    log_start = time.time()
+    log_samples = 0
+    epoch_start = time.time()
+    epoch_samples = 0
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    for batch_idx, (images, labels) in enumerate(loader, start=start_batch):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, labels = mixup_fn(images, labels)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        update_step = (batch_idx + 1) % accum == 0 or batch_idx == last_idx
+        sync_context = model.no_sync if (args.distributed and not update_step) else nullcontext
+        with sync_context():
+            with amp_autocast():
+                _, losses = model(images, labels, epoch=epoch)
+            loss = sum(losses.values())
+            if args.nan_check and not bool(torch.isfinite(loss.detach())):
+                bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
+                raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
+                                    f'batch {batch_idx} (update {state["num_updates"]})')
+            if loss_scaler is not None:
+                loss_scaler._scaler.scale(loss / accum).backward()
+            else:
+                (loss / accum).backward()
+        if update_step:
+            if loss_scaler is not None:
+                if args.clip_grad is not None:
+                    loss_scaler._scaler.unscale_(optimizer)
+                    dispatch_clip_grad(trainable, args.clip_grad, mode=args.clip_mode)
+                loss_scaler._scaler.step(optimizer)
+                loss_scaler._scaler.update()
+            else:
+                if args.clip_grad is not None:
+                    dispatch_clip_grad(trainable, args.clip_grad, mode=args.clip_mode)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state['num_updates'] += 1
+            if model_ema is not None:
+                model_ema.update(distiller.student, step=state['num_updates'])
+            lr_scheduler.step_update(num_updates=state['num_updates'])
+        n = images.shape[0]
+        for name, value in losses.items():
+            sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float() * n
+        sums['loss'] = sums.get('loss', torch.zeros((), device=device)) + loss.detach().float() * n
+        seen += n
+        log_samples += n
+        epoch_samples += n
+        state['batch_idx'] = batch_idx + 1
+        state['samples'] = seen
+
+        if batch_idx == last_idx or (batch_idx + 1) % args.log_interval == 0:
+            lr = optimizer.param_groups[0]['lr']
+            now = time.time()
+            rate = log_samples * args.world_size / max(now - log_start, 1e-9)
+            eta = (now - epoch_start) / max(batch_idx + 1 - start_batch, 1) * (last_idx - batch_idx)
+            total_seen = reduce_sum(torch.tensor(float(seen), device=device), args)
+            current = {k: reduce_sum(v.detach().float(), args) / args.world_size for k, v in losses.items()}
+            averages = {k: reduce_sum(v, args) / total_seen for k, v in sums.items()}
+            if is_primary(args):
+                parts = [f'Train: {epoch} [{batch_idx + 1:>4d}/{batches_per_epoch} '
+                         f'({100. * (batch_idx + 1) / batches_per_epoch:>3.0f}%)]',
+                         f'Loss: {averages["loss"].item():#.4g}']
+                parts += [f'{k}: {current[k].item():#.4g} ({averages[k].item():#.4g})' for k in losses]
+                parts += [f'LR: {lr:.3e}', f'{rate:>7.1f} samples/s', f'ETA: {datetime.timedelta(seconds=int(eta))}']
+                _logger.info('  '.join(parts))
+                if writer is not None:
+                    step = state['num_updates']
+                    for k, v in current.items():
+                        writer.add_scalar(f'train/{k}', v.item(), step)
+                    writer.add_scalar('train/loss', (sum(current.values())).item(), step)
+                    writer.add_scalar('train/lr', lr, step)
+                    writer.add_scalar('train/samples_per_sec', rate, step)
+            log_start, log_samples = time.time(), 0
+
+        if update_step and args.recovery_interval and state['num_updates'] % args.recovery_interval == 0 \
+                and batch_idx != last_idx:
+            save_recovery(epoch)
+        if preemption.requested(args, device) and batch_idx != last_idx:
+            save_recovery(epoch)
+            return None
+    state['epoch_time'] = time.time() - epoch_start
+    state['epoch_samples'] = epoch_samples
+    total_seen = reduce_sum(torch.tensor(float(seen), device=device), args)
+    metrics = OrderedDict((k, (reduce_sum(v, args) / total_seen).item()) for k, v in sums.items())
+    metrics.move_to_end('loss', last=False)
+    return metrics
+
+
+@torch.no_grad()
+def validate(model, loader, args, device, amp_autocast, log_suffix=''):
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction='sum')
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            logits = model(images)
+        logits = logits.float()
+        top1, top5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[-1])))
+        n = images.shape[0]
+        totals += torch.stack([loss_fn(logits, labels).double(), top1.double() * n / 100,
+                               top5.double() * n / 100, torch.tensor(float(n), device=device, dtype=torch.float64)])
+    totals = reduce_sum(totals, args)
+    count = max(totals[3].item(), 1.0)
+    metrics = OrderedDict(loss=totals[0].item() / count, top1=100 * totals[1].item() / count,
+                          top5=100 * totals[2].item() / count)
+    if is_primary(args):
+        _logger.info(f'Eval{log_suffix}: loss {metrics["loss"]:.4f}  top1 {metrics["top1"]:.2f}  '
+                     f'top5 {metrics["top5"]:.2f}  ({int(count)} images)')
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def setup_logging(rank):
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format='%(message)s',
+                        stream=sys.stdout, force=True)
+
+
+def build_teacher(args, num_classes, input_size):
+    kwargs = parse_kwargs(args.teacher_kwargs, '--teacher-kwargs')
+    checkpoint = args.teacher_checkpoint or (args.teacher_pretrained or '')
+    hub = args.teacher_pretrained == '' and not args.teacher_checkpoint
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise UsageError(f'teacher checkpoint {checkpoint!r} does not exist')
+    try:
+        teacher = create_model_at_size(args.teacher, input_size, pretrained=hub, num_classes=num_classes, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:
+        if hub:
+            raise UsageError(f'timm pretrained weights of teacher {args.teacher!r} cannot be had here '
+                             f'({type(e).__name__}); pass --teacher-checkpoint FILE instead') from None
+        raise
+    identity = {'name': args.teacher, 'checkpoint': checkpoint or ('timm-pretrained' if hub else 'random-init')}
+    if checkpoint:
+        load_model_weights(teacher, checkpoint, use_ema=args.teacher_use_ema, who='teacher')
+        identity['sha256'] = file_sha256(checkpoint, 16)
+    return teacher, identity
+
+
+def main(argv=None):
+    args, args_text = parse_args(argv)
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = init_distributed_device(args)
+    setup_logging(args.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    # rank-dependent seed, as timm does: augmentation and dropout differ across ranks
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    if args.grad_accum_steps < 1:
+        raise UsageError(f'--grad-accum-steps must be at least 1, not {args.grad_accum_steps}')
+    if args.batch_size < 1:
+        raise UsageError(f'--batch-size must be at least 1, not {args.batch_size}')
+    if args.sync_bn and device.type != 'cuda':
+        raise UsageError('--sync-bn needs GPUs (SyncBatchNorm has no CPU kernel); drop it on the CPU')
+    if args.resume == 'auto' and not args.experiment:
+        raise UsageError('--resume auto needs --experiment NAME to know which run folder to continue')
+
+    # ------------------------------------------------------------------ run folder (never overwritten by accident)
+    resume_path, resume_ckpt = '', None
+    output_base = args.output or './output/train'
+    if args.resume and args.resume != 'auto':
+        resume_path = args.resume
+        resume_ckpt = load_checkpoint_file(resume_path)
+        run_dir = os.path.join(output_base, args.experiment) if args.experiment else \
+            os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+    else:
+        name = args.experiment or '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                            args.model.replace('/', '_'),
+                                            (args.teacher or 'noteacher').replace('/', '_'), args.distiller])
+        run_dir = os.path.join(output_base, name)
+        if args.resume == 'auto':
+            resume_path, resume_ckpt = find_resume_checkpoint(run_dir)
+            if resume_path is None:
+                _logger.info(f'--resume auto: no valid checkpoint in {run_dir}, starting a new run')
+        elif os.path.isdir(run_dir) and os.listdir(run_dir) and not args.overwrite:
+            raise UsageError(f'run folder {run_dir!r} already exists; pick another --experiment, continue it '
+                             f'with --resume auto, or pass --overwrite')
+    # ------------------------------------------------------------------ student
+    student_kwargs = parse_kwargs(args.model_kwargs, '--model-kwargs')
+    if args.num_classes is None and (args.dataset or '').lower() == 'synthetic':
+        args.num_classes = args.synthetic_classes
+    in_size = tuple(args.input_size) if args.input_size else ((args.img_size, args.img_size) if args.img_size else None)
+    pretrained_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
+    # the dataset decides the class count; it is resolved before the models are built
+    student_probe_args = dict(pretrained=args.pretrained, drop_rate=args.drop, **student_kwargs)
+    if args.drop_path is not None:
+        student_probe_args['drop_path_rate'] = args.drop_path
+    if args.gp:
+        student_probe_args['global_pool'] = args.gp
+    if args.in_chans:
+        student_probe_args['in_chans'] = args.in_chans
+    if pretrained_overlay:
+        student_probe_args['pretrained_cfg_overlay'] = pretrained_overlay
+
+    # data config from the student's pretrained config, overridden by flags
+    import timm
+    if not timm.is_model(args.model):
+        raise ModelError(f'unknown model {args.model!r}: not in the timm registry nor in models/')
+    pretrained_cfg = timm.models.get_pretrained_cfg(args.model)
+    cfg_dict = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
+    data_args = vars(args).copy()
+    if in_size is not None and not args.input_size:
+        data_args['input_size'] = (3, *in_size)
+    data_config = resolve_data_config(data_args, pretrained_cfg=cfg_dict, verbose=False)
+    input_size = tuple(data_config['input_size'])
+    args.input_size_resolved = input_size
+
+    dataset_args = argparse.Namespace(**vars(args))
+    dataset_args.input_size = input_size
+    dataset_train, dataset_eval, dataset_classes = create_datasets(dataset_args)
+    if args.num_classes is None:
+        args.num_classes = dataset_classes
+    elif dataset_classes and args.num_classes != dataset_classes:
+        raise UsageError(f'--num-classes {args.num_classes} differs from the {dataset_classes} classes of the '
+                         f'dataset; drop --num-classes or fix it')
+
+    student = create_model_at_size(args.model, input_size, num_classes=args.num_classes, **student_probe_args)
+    if args.initial_checkpoint:
+        load_model_weights(student, args.initial_checkpoint, who='student')
+    if args.grad_checkpointing:
+        student.set_grad_checkpointing(enable=True)
+
+    # ------------------------------------------------------------------ teacher and distiller
+    distiller_cls = get_distiller_class(args.distiller)
+    teacher, teacher_identity = None, None
+    if distiller_cls.needs_teacher:
+        if not args.teacher:
+            raise UsageError(f'distiller {args.distiller!r} needs a teacher; pass --teacher NAME '
+                             f'(and --teacher-checkpoint FILE)')
+        teacher, teacher_identity = build_teacher(args, args.num_classes, input_size)
+    elif args.teacher and is_primary(args):
+        _logger.info(f'distiller {args.distiller!r} uses no teacher; --teacher {args.teacher} is ignored')
+
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+    elif args.bce_loss:
+        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing)
+    elif args.smoothing:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+
+    distiller = distiller_cls(student, teacher, train_loss_fn, args, input_size)
+    if teacher is not None and teacher_identity['checkpoint'] == 'timm-pretrained':
+        # hub weights expect their own mean/std; a checkpoint file is taken to share the student's normalization
+        t_cfg = getattr(teacher, 'pretrained_cfg', {}) or {}
+        t_mean, t_std = t_cfg.get('mean', data_config['mean']), t_cfg.get('std', data_config['std'])
+        if tuple(t_mean) != tuple(data_config['mean']) or tuple(t_std) != tuple(data_config['std']):
+            _logger.warning(f'teacher mean/std {t_mean}/{t_std} differ from the student\'s; its input is '
+                            f're-normalized')
+        distiller.set_teacher_normalization(data_config['mean'], data_config['std'], t_mean, t_std)
+
+    distiller.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    if args.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
+
+    # ------------------------------------------------------------------ optimizer, amp, ema, schedule
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    if args.lr is None:
+        scale = global_batch / args.lr_base_size
+        lr_scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        args.lr = args.lr_base * (scale ** 0.5 if lr_scale == 'sqrt' else scale)
+    try:
+        optimizer = create_optimizer_v2(distiller, **optimizer_kwargs(cfg=args))
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f'optimizer {args.opt!r} cannot be built ({e})') from None
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    if args.amp:
+        def amp_autocast():
+            return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    else:
+        amp_autocast = nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(distiller.student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+    train_transform = build_train_transform(args, data_config)
+    eval_transform = build_eval_transform(data_config)
+    collate_fn = None
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    try:
+        loader_train = create_train_loader(dataset_train, train_transform, args.batch_size, args.seed, args.workers,
+                                           args.rank, args.world_size, args.pin_mem, collate_fn)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    loader_eval = create_eval_loader(dataset_eval, eval_transform, args.validation_batch_size or args.batch_size,
+                                     args.workers, args.rank, args.world_size, args.pin_mem)
+    batches_per_epoch = loader_train.sampler.batches_per_epoch()
+    updates_per_epoch = (batches_per_epoch + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch)
+
+    # ------------------------------------------------------------------ resume
+    start_epoch, start_batch, num_updates = 0, 0, 0
+    best_metric, best_epoch = None, None
+    loss_sums, samples_seen = {}, 0
+    if resume_ckpt is not None:
+        for key, mine in (('arch', args.model), ('distiller', args.distiller),
+                          ('teacher_name', args.teacher if distiller_cls.needs_teacher else '')):
+            theirs = resume_ckpt.get(key) if key != 'teacher_name' else (resume_ckpt.get('teacher') or {}).get('name', '')
+            if theirs is not None and theirs != mine:
+                raise UsageError(f'resume checkpoint {resume_path!r} was written with {key.split("_")[0]} '
+                                 f'{theirs!r}, but this run uses {mine!r}')
+        student_state = resume_ckpt['state_dict']
+        try:
+            distiller.student.load_state_dict(student_state)
+            distiller.load_distiller_state_dict(resume_ckpt.get('distiller_state', {}))
+        except (RuntimeError, DistillerError) as e:
+            raise UsageError(f'resume checkpoint {resume_path!r} does not fit this run: '
+                             f'{str(e).splitlines()[0][:200]}') from None
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(resume_ckpt['optimizer'])
+            if loss_scaler is not None and resume_ckpt.get('scaler') is not None:
+                loss_scaler.load_state_dict(resume_ckpt['scaler'])
+        if model_ema is not None and resume_ckpt.get('state_dict_ema') is not None:
+            model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
+        num_updates = resume_ckpt.get('step', 0)
+        best_metric, best_epoch = resume_ckpt.get('best_metric'), resume_ckpt.get('best_epoch')
+        if resume_ckpt.get('batch_idx', -1) >= 0:  # a mid-epoch recovery checkpoint
+            start_epoch, start_batch = resume_ckpt['epoch'], resume_ckpt['batch_idx']
+            loss_sums = {k: v.to(device) for k, v in resume_ckpt.get('loss_sums', {}).items()}
+            samples_seen = resume_ckpt.get('samples', 0)
+        else:
+            start_epoch = resume_ckpt['epoch'] + 1
+        rng = resume_ckpt.get('rng')
+        if isinstance(rng, list) and len(rng) == args.world_size:
+            set_rng_state(rng[args.rank])
+        if is_primary(args):
+            _logger.info(f'Resumed from {resume_path}: epoch {start_epoch}, batch {start_batch}, '
+                         f'update {num_updates}')
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    lr_scheduler.step(start_epoch)
+    if args.sched_on_updates or num_updates:
+        lr_scheduler.step_update(num_updates=num_updates)
+
+    # ------------------------------------------------------------------ DDP over the trainable parts only
+    model = distiller
+    if args.torchcompile:
+        model = torch.compile(distiller, backend=args.torchcompile)
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            find_unused_parameters=distiller_cls.find_unused_parameters)
+
+    # ------------------------------------------------------------------ outputs (nothing is written before here)
+    writer = None
+    summary_path = os.path.join(run_dir, 'summary.csv')
+    if is_primary(args):
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f'.write-test-{os.getpid()}')
+            with open(probe, 'w'):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise UsageError(f'output folder {run_dir!r} cannot be written ({e.strerror})') from None
+        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        if resume_ckpt is None and os.path.exists(summary_path):
+            os.remove(summary_path)  # --overwrite: a new run starts a new summary
+        elif resume_ckpt is not None and os.path.exists(summary_path):
+            _truncate_summary(summary_path, start_epoch)
+        logging.getLogger().addHandler(_file_handler(os.path.join(run_dir, 'log.txt')))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=os.path.join(run_dir, 'tb'))
+        n_student = sum(p.numel() for p in distiller.student.parameters())
+        _logger.info(f'Run folder: {run_dir}')
+        _logger.info(f'Processes: {args.world_size} ({device.type}), batch {args.batch_size} per process, '
+                     f'global batch {global_batch}, lr {args.lr:.4g}, {num_epochs} epochs of '
+                     f'{batches_per_epoch} batches')
+        _logger.info(f'Student {args.model}: {n_student / 1e6:.3f}M parameters; distiller {args.distiller}: '
+                     f'{distiller.extra_parameters() / 1e6:.3f}M extra trainable parameters')
+        if teacher_identity is not None:
+            _logger.info(f'Teacher {teacher_identity["name"]}: {teacher_identity["checkpoint"]}'
+                         + (f' (sha256 {teacher_identity["sha256"]})' if 'sha256' in teacher_identity else ''))
+            if teacher_identity['checkpoint'] == 'random-init':
+                _logger.warning('WARNING: the teacher has random weights; pass --teacher-checkpoint FILE')
+    if args.teacher_eval_first and teacher is not None:
+        teacher.eval()
+        t_metrics = _validate_teacher(distiller, loader_eval, args, device, amp_autocast)
+        if is_primary(args):
+            _logger.info(f'Teacher top-1: {t_metrics["top1"]:.2f}')
+            if writer is not None:
+                writer.add_scalar('teacher/top1', t_metrics['top1'], 0)
+
+    checkpoints = CheckpointManager(os.path.join(run_dir, 'checkpoint'), args.eval_metric == 'loss',
+                                    args.checkpoint_hist)
+    preemption = PreemptionFlag()
+    state = {'num_updates': num_updates, 'batch_idx': start_batch, 'loss_sums': loss_sums, 'samples': samples_seen}
+
+    def checkpoint_state(epoch, batch_idx, metric=None):
+        rng = [rng_state()]
+        if args.distributed:
+            rng = [None] * args.world_size
+            dist.all_gather_object(rng, rng_state())
+        return {
+            'version': CHECKPOINT_VERSION, 'arch': args.model, 'distiller': args.distiller,
+            'num_classes': args.num_classes,
+            'data_config': {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+            'epoch': epoch, 'batch_idx': batch_idx, 'step': state['num_updates'],
+            'state_dict': distiller.student.state_dict(),
+            'state_dict_ema': model_ema.module.state_dict() if model_ema is not None else None,
+            'distiller_state': distiller.distiller_state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'scheduler': lr_scheduler.state_dict(),
+            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
+            'loss_sums': {k: v.detach().cpu() for k, v in state['loss_sums'].items()},
+            'samples': state['samples'],
+            'metric': metric, 'best_metric': best_metric, 'best_epoch': best_epoch,
+            'args': {k: v for k, v in yaml.safe_load(args_text).items()},
+            'teacher': teacher_identity, 'rng': rng,
+        }
+
+    def save_recovery(epoch):
+        ckpt = checkpoint_state(epoch, state['batch_idx'])
+        if is_primary(args):
+            checkpoints.save_recovery(ckpt)
+            _logger.info(f'Recovery checkpoint: epoch {epoch}, batch {state["batch_idx"]}')
+
+    # ------------------------------------------------------------------ the loop
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            loader_train.sampler.set_epoch(epoch, state['batch_idx'])
+            train_metrics = train_one_epoch(
+                epoch, model, distiller, loader_train, optimizer, args, device, lr_scheduler, amp_autocast,
+                loss_scaler, model_ema, mixup_fn, state, writer, preemption, save_recovery, batches_per_epoch)
+            if train_metrics is None:  # preempted: the recovery checkpoint is written
+                if is_primary(args):
+                    _logger.info(f'Stopped by signal {preemption.signal} at epoch {epoch}, batch '
+                                 f'{state["batch_idx"]}; continue with --resume auto --experiment '
+                                 f'{os.path.basename(run_dir)}')
+                return 0
+            epoch_lr = optimizer.param_groups[0]['lr']  # the lr this epoch ran with, before the epoch step
+            eval_metrics = None
+            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs:
+                eval_metrics = validate(distiller.student, loader_eval, args, device, amp_autocast)
+                if model_ema is not None:
+                    ema_metrics = validate(model_ema.module, loader_eval, args, device, amp_autocast, ' (EMA)')
+                    eval_metrics['top1_ema'] = ema_metrics['top1']
+                    eval_metrics['top5_ema'] = ema_metrics['top5']
+            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+            metric = None
+            if eval_metrics is not None:
+                metric = eval_metrics[args.eval_metric]
+                if model_ema is not None and args.eval_metric != 'loss':
+                    metric = max(metric, eval_metrics[f'{args.eval_metric}_ema'])
+                if checkpoints.better(metric, best_metric):
+                    best_metric, best_epoch = metric, epoch
+            state.update(batch_idx=0, loss_sums={}, samples=0)
+            ckpt = checkpoint_state(epoch, -1, metric)
+            if is_primary(args):
+                rate = state['epoch_samples'] * args.world_size / max(state['epoch_time'], 1e-9)
+                _write_summary(summary_path, epoch, train_metrics, eval_metrics, epoch_lr, rate)
+                if writer is not None:
+                    for k, v in train_metrics.items():
+                        writer.add_scalar(f'epoch/train_{k}', v, epoch)
+                    for k, v in (eval_metrics or {}).items():
+                        writer.add_scalar(f'eval/{k}', v, epoch)
+                    writer.add_scalar('epoch/samples_per_sec', rate, epoch)
+                    writer.flush()
+                checkpoints.save_epoch(ckpt, epoch, metric)
+                with suppress(FileNotFoundError):
+                    os.remove(checkpoints.path('recovery.pth.tar'))
+    except NonFiniteLoss as e:
+        # the weights have not been stepped with the bad loss: they are the last good state
+        ckpt = checkpoint_state(epoch, state['batch_idx'])
+        if is_primary(args):
+            checkpoints.save_recovery(ckpt)
+            _logger.error(f'Stopped: {e}; the last good state is in {checkpoints.path("recovery.pth.tar")}')
+        return 1
+    finally:
+        if writer is not None:
+            writer.close()
+    if is_primary(args) and best_metric is not None:
+        _logger.info(f'*** Best {args.eval_metric}: {best_metric:.2f} (epoch {best_epoch})')
+    return 0
+
+
+def _validate_teacher(distiller, loader, args, device, amp_autocast):
+    class TeacherView(nn.Module):
+        def forward(self, x):
+            return distiller.teacher(distiller.teacher_input(x))
+    view = TeacherView()
+    view.eval = lambda: view  # the teacher's mode is the distiller's business
+    return validate(view, loader, args, device, amp_autocast, ' (teacher)')
+
+
+def _file_handler(path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+    return handler
+
+
+def _write_summary(path, epoch, train_metrics, eval_metrics, lr, rate):
+    row = OrderedDict(epoch=epoch, lr=lr)
+    row.update((f'train_{k}', v) for k, v in train_metrics.items())
+    row.update((f'eval_{k}', v) for k, v in (eval_metrics or {}).items())
+    row['samples_per_sec'] = rate
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    fieldnames = list(row)
+    if exists:
+        with open(path) as f:
+            header = next(csv.reader(f), [])
+        fieldnames = header + [k for k in row if k not in header]
+        if fieldnames != header:  # a column appeared (e.g. eval after skipped epochs): rewrite with the new header
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+            with open(path, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=fieldnames)
+                w.writeheader()
+                w.writerows(rows)
+    with open(path, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames)
+        if not exists:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _truncate_summary(path, start_epoch):
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        rows = [r for r in reader if int(r['epoch']) < start_epoch]
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run():
+    debug = '--debug' in sys.argv
+    try:
+        code = main()
+    except (UsageError, DatasetError, DistillerError, CheckpointError, ModelError) as e:
+        if debug:
+            raise
+        print(f'train.py: error: {e}', file=sys.stderr)
+        code = 2
+    if dist.is_available() and dist.is_initialized():
+        with suppress(Exception):
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == '__main__':
+    run()
