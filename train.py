@@ -452,23 +452,26 @@ class CheckpointManager:
 
 
 def find_resume_checkpoint(run_dir):
-    """Newest readable checkpoint of a run folder (last or recovery), skipping corrupt ones."""
+    """Newest readable checkpoint of a run folder (by optimizer updates), skipping corrupt ones."""
     folder = os.path.join(run_dir, 'checkpoint')
-    candidates = []
-    for name in ('recovery.pth.tar', 'last.pth.tar'):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            try:
-                ckpt = load_checkpoint_file(path)
-            except CheckpointError as e:
-                _logger.warning(f'skipping {path}: {e}')
-                continue
-            if 'state_dict' in ckpt and 'epoch' in ckpt:
-                candidates.append((ckpt.get('step', 0), ckpt.get('epoch', 0), path, ckpt))
-    if not candidates:
+    if not os.path.isdir(folder):
         return None, None
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    return candidates[-1][2], candidates[-1][3]
+    best = None
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith('.pth.tar'):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            ckpt = load_checkpoint_file(path)
+        except CheckpointError as e:
+            _logger.warning(f'--resume auto: skipping {e}')
+            continue
+        if 'state_dict' not in ckpt or 'epoch' not in ckpt:
+            continue
+        key = (ckpt.get('step', 0), ckpt.get('batch_idx', -1) < 0, name == 'last.pth.tar')
+        if best is None or key > best[0]:
+            best = (key, path, ckpt)
+    return (best[1], best[2]) if best else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------------- train / eval
@@ -636,10 +639,11 @@ def main(argv=None):
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    # rank-dependent seed, as timm does: augmentation and dropout differ across ranks
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    random.seed(args.seed + args.rank)
+    # models are built under the same seed on every rank (so a randomly initialized teacher, too, is the same
+    # everywhere); the training RNG is then made rank-dependent, as timm does, before the loaders are built
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
 
     if args.data and not args.data_dir:
         args.data_dir = args.data
@@ -780,6 +784,9 @@ def main(argv=None):
     if args.model_ema:
         model_ema = ModelEmaV3(distiller.student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
     train_transform = build_train_transform(args, data_config)
     eval_transform = build_eval_transform(data_config)
     collate_fn = None
@@ -858,6 +865,8 @@ def main(argv=None):
     writer = None
     summary_path = os.path.join(run_dir, 'summary.csv')
     if is_primary(args):
+        if not os.path.exists(run_dir):
+            _fresh_run['dir'] = run_dir  # removed again if the run fails on bad input before its first checkpoint
         try:
             os.makedirs(run_dir, exist_ok=True)
             probe = os.path.join(run_dir, f'.write-test-{os.getpid()}')
@@ -1040,6 +1049,23 @@ def _truncate_summary(path, start_epoch):
         w.writerows(rows)
 
 
+_fresh_run = {}
+
+
+def _user_message(error):
+    text = str(error)
+    if 'Original Traceback' in text:  # raised in a DataLoader worker: the last line holds the message
+        text = text.strip().splitlines()[-1].split(': ', 1)[-1]
+    return text
+
+
+def _remove_fresh_run_dir():
+    """A new run that fails on bad input before writing any checkpoint leaves no folder behind."""
+    run_dir = _fresh_run.get('dir')
+    if run_dir and os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, 'checkpoint')):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run():
     debug = '--debug' in sys.argv
     try:
@@ -1047,7 +1073,8 @@ def run():
     except (UsageError, DatasetError, DistillerError, CheckpointError, ModelError) as e:
         if debug:
             raise
-        print(f'train.py: error: {e}', file=sys.stderr)
+        _remove_fresh_run_dir()
+        print(f'train.py: error: {_user_message(e)}', file=sys.stderr)
         code = 2
     if dist.is_available() and dist.is_initialized():
         with suppress(Exception):

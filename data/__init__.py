@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 from timm.data import create_dataset
 
+from .errors import DatasetError
 from .synthetic import SyntheticImageDataset
 
 DEFAULT_ROOTS = {'': 'data/imagenet', 'imagefolder': 'data/imagenet', 'torch/cifar100': 'data/cifar',
@@ -19,10 +20,6 @@ CIFAR_CLASSES = {'torch/cifar100': 100, 'torch/cifar10': 10}
 # where torchvision keeps each CIFAR under its root
 CIFAR_FOLDERS = {'torch/cifar100': 'cifar-100-python', 'torch/cifar10': 'cifar-10-batches-py'}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.tif', '.tiff', '.webp')
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as given; the message says what was expected."""
 
 
 def dataset_root(dataset: str, data_dir: Optional[str]) -> str:

@@ -16,9 +16,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from timm.data import create_transform
+
+from .errors import DatasetError
 
 
 class EpochSampler(Sampler):
@@ -85,9 +88,28 @@ class SeededTransformDataset(Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def _load(self, index):
+        reader = getattr(self.dataset, 'reader', None)
+        if reader is None or getattr(self.dataset, 'load_bytes', False):
+            return self.dataset[index]
+        # timm's ImageDataset skips an unreadable image with a warning; a corrupt file is an error here
+        source, target = reader[index][:2]
+        path = reader.filename(index, absolute=True) if hasattr(reader, 'filename') else str(source)
+        try:
+            img = Image.open(source)
+            img = img.convert(getattr(self.dataset, 'input_img_mode', None) or 'RGB')
+        except (OSError, ValueError) as e:
+            raise DatasetError(f'image file {path!r} cannot be decoded ({type(e).__name__}); remove or '
+                               f'replace it') from None
+        if target is None:
+            target = -1
+        elif getattr(self.dataset, 'target_transform', None) is not None:
+            target = self.dataset.target_transform(target)
+        return img, target
+
     def __getitem__(self, item):
         index, sample_seed = item if isinstance(item, tuple) else (item, None)
-        img, target = self.dataset[index]
+        img, target = self._load(index)
         if sample_seed is None:
             return self.transform(img), target
         py_state = random.getstate()

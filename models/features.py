@@ -13,11 +13,13 @@ Stage rule (the one of OFA, ofa.md §2, which the other specs share):
   MobileNetV2 includes the 320->1280 head conv. Token models (Swin) keep the raw last-stage output (no final
   norm).
 - Plain token models (ViT, DeiT, Mixer, ResMLP: every tap at one reduction): D blocks split like a Swin
-  2-2-(D-6)-2 pattern, so the stages end after blocks 2, 4, D-2 and D (1-based), raw (no final norm).
+  2-2-(D-6)-2 pattern, so the stages end after blocks 2, 4, D-2 and D (1-based), raw (no final norm). Models
+  of fewer than 8 blocks end their stages at the quarters of their depth instead (6 blocks: 2, 3, 5, 6).
 
 Every stage is returned as an NCHW map (prefix tokens dropped, tokens in raster order); `to_tokens()` turns
 a map into (B, H*W, C) tokens. `final` is the normalized `forward_features` output as an NCHW map.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,9 +103,11 @@ def to_map(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
 
 
 def _plain_token_stage_indices(num_blocks: int) -> List[int]:
-    # blocks 2, 4, D-2, D (1-based) -> 0-based indices; a short model keeps what exists, in order
-    one_based = [2, 4, num_blocks - 2, num_blocks]
-    return [min(max(b, 1), num_blocks) - 1 for b in one_based]
+    """0-based block indices that end the stages of a plain token model."""
+    if num_blocks >= 8:
+        return [1, 3, num_blocks - 3, num_blocks - 1]  # blocks 2, 4, D-2, D (1-based)
+    # too shallow for the 2-2-(D-6)-2 split: end the stages at the quarters instead, each block once
+    return sorted({math.ceil(num_blocks * k / 4) - 1 for k in range(1, 5)})
 
 
 class FeatureAdapter:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models  # noqa: F401  (registers the CIFAR models)
 from distillers.base import DistillerError
 from distillers.ofa import OFA, PatchMerge, TokenBranch, halvings_to, merges_to, ofa_loss
 
@@ -416,11 +417,15 @@ def test_eps_forms():
 
 
 def test_missing_stage_is_named():
-    three_stage = create('resnet18', num_classes=10, output_stride=8)
+    # the CIFAR ResNets have three stages (32, 16, 8 at 32 px)
+    three_stage = create('resnet20', num_classes=10)
     with pytest.raises(DistillerError, match=r'stage\(s\) \[4\].*has stages 1 2 3'):
-        build(three_stage, small_teacher(64), 64)
-    d = build(three_stage, small_teacher(64), 64, ofa_stage=[1, 2, 3], ofa_eps=[1, 1, 1, 1.5])
+        build(three_stage, small_teacher(32), 32)
+    d = build(three_stage, small_teacher(32), 32, ofa_stage=[1, 2, 3], ofa_eps=[1, 1, 1, 1.5])
     assert list(d.branches) == ['stage1', 'stage2', 'stage3']
+    # down to the 8x8 grid of the last stage: two SepConvs, one, then the 1x1 conv
+    assert [len(d.branches[f'stage{s}'].body) for s in (1, 2)] == [2, 1]
+    assert isinstance(d.branches['stage3'].body, nn.Conv2d)
     with pytest.raises(DistillerError, match='twice'):
         resnet_distiller(ofa_stage=(2, 2))
 
