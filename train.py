@@ -243,6 +243,9 @@ group.add_argument('--local_rank', '--local-rank', dest='local_rank_ignored', de
                    help=argparse.SUPPRESS)  # old launchers pass it; the rank comes from LOCAL_RANK
 
 
+_BUILTIN_DEFAULTS = {a.dest: a.default for a in parser._actions if a.dest != 'help'}
+
+
 # ---------------------------------------------------------------------------------------------------- arguments
 def _suggest(name, candidates):
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
@@ -326,6 +329,7 @@ def parse_args(argv=None):
     """CLI > YAML > built-in default. Returns (args, the YAML text of the resolved configuration)."""
     argv = sys.argv[1:] if argv is None else argv
     args_config, remaining = config_parser.parse_known_args(argv)
+    parser.set_defaults(**_BUILTIN_DEFAULTS)  # a config read by an earlier call in this process does not leak
     if args_config.config:
         parser.set_defaults(**load_config_defaults(args_config.config, parser))
     args, unknown = parser.parse_known_args(remaining)

@@ -72,7 +72,7 @@ class MGD(Distiller):
         aligned = self.align(student.final)
         if mask is None:
             mask = self.draw_mask(aligned.shape[0], aligned.device)
-        generated = self.generation(aligned)
+        generated = self.generation(aligned * mask.to(aligned.dtype))
         losses = {
             'loss_gt': self.gt_loss(student.logits, labels),
             'loss_mgd': self.alpha * mgd_loss(generated, teacher.final),

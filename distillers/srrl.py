@@ -95,7 +95,8 @@ class SRRL(Distiller):
             out = self.teacher_adapter(x, self.request)
             logits = teacher.forward_head(self.teacher_head_input(out.final))
         except RuntimeError as e:  # a head that rejects the layout
-            raise DistillerError(f'srrl cannot feed maps to the head of teacher {type(teacher).__name__}: {e}') from None
+            raise DistillerError(
+                f'srrl cannot feed maps to the head of teacher {type(teacher).__name__}: {e}') from None
         finally:
             teacher.train(was_training)
         if logits.shape != out.logits.shape or not torch.allclose(logits, out.logits, rtol=1e-4, atol=1e-4):

@@ -19,6 +19,7 @@ def python_env(threads: int = 1):
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', str(threads))
     env['PYTHONUNBUFFERED'] = '1'
+    env['HF_HUB_OFFLINE'] = '1'  # no test reaches the hub: fail at once instead of retrying
     env.pop('CUDA_VISIBLE_DEVICES', None)
     return env
 

@@ -385,8 +385,10 @@ def test_srrl_pooling_token_teachers_and_unequal_grids(teacher_name, layout):
 
 
 def test_srrl_connector_init():
-    distiller = build('srrl', cached('resnet18', 224, 'student'), cached('resnet18', 224, 'teacher'), 224)
+    # std = sqrt(2 / (k * k * C_t)) with k = 1: the teacher's width (512), not the student's (1280)
+    distiller = build('srrl', cached('mobilenetv2_050', 64, 'student'), cached('resnet18', 64, 'teacher'), 64)
     conv, bn = distiller.connector[0], distiller.connector[1]
+    assert conv.weight.shape == (512, 1280, 1, 1)
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
     assert torch.equal(bn.weight, torch.ones(512)) and torch.equal(bn.bias, torch.zeros(512))
 

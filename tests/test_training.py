@@ -251,3 +251,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
             assert two[tag][step] == pytest.approx(one[tag][step], rel=1e-5), (tag, step)
     # rank 0 alone writes
     assert (tmp_path / 'two' / 'summary.csv').exists()
+
+
+def test_a_config_does_not_leak_into_the_next_parse(tmp_path):
+    cfg = write_yaml(tmp_path / 'c.yaml', {'epochs': 7})
+    assert train.parse_args(['-c', cfg])[0].epochs == 7
+    assert train.parse_args([])[0].epochs == 300

@@ -1,0 +1,1007 @@
+#!/usr/bin/env python3
+""" UFD-KD benchmark: what distillation costs per training step, and what it buys at small scale.
+
+In the tradition of timm's benchmark.py. Three modes (`--bench`):
+
+- `train` (default): the speed of the distillation train step of each `--distiller` (one, several or `all`)
+  against the student trained alone, the teacher's forward as the distiller runs it, and timm's
+  `LogitDistillationTask` (the peer) for the same pair. Every variant lives in one process and they are timed
+  round-robin (several rounds, the order rotated each round, median reported) so that machine drift hits all
+  alike. Inputs are random tensors unless `--dataset`/`--data-dir` is given (one fixed batch, preloaded).
+
+      python benchmark.py --model resnet18 --teacher resnet50 --distiller kd dkd ufd --img-size 224 -b 32
+      python benchmark.py --model resnet18 --teacher swin_tiny_patch4_window7_224 --distiller all --amp \\
+          --amp-dtype bfloat16 --channels-last --results-file bench.csv
+
+- `ufd-loss`: the closed-form UFD losses of distillers/ufd.py against the DCT formulation of the paper
+  (ufd.md §4.1, explicit DCT-II matrices built here, once), at B=64, C=768 on 7x7 and 14x14 maps: both times,
+  the speedup and the largest relative difference of the four terms.
+
+      python benchmark.py --bench ufd-loss
+
+- `results`: the small-scale results table. Trains through train.py (subprocesses, the commands users run) a
+  teacher per pair once, the vanilla student, and the student with every distiller the pair supports (logit
+  methods on the CNN pair, feature methods on the CNN pair and on a ViT-teacher -> CNN-student pair, USKD
+  without a teacher), all with the same recipe (configs/demo/), over 3 seeds; prints and writes the table
+  (mean +- std top-1 at the last epoch, gain over vanilla, wall time per run). `--quick`: one seed, fewer
+  epochs. `--demo`: the quickstart (ViT teacher -> CNN student, vanilla and ufd, one seed).
+
+      python benchmark.py --bench results                       # ~45 min on 2 CPU cores
+      python benchmark.py --bench results --quick               # ~10 min
+      python benchmark.py --bench results --dataset torch/cifar100 --data-dir data/cifar
+
+Ratios reported by `train`:
+- `overhead` = distill_step / (student_step + teacher_forward): 1.00 means distillation costs nothing beyond
+  running the teacher; above it is the method's own cost (loss math, projectors, extra feature taps).
+- `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import ctypes
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+import models  # noqa: F401  (registers the CIFAR models in timm)
+from distillers import DISTILLERS, DistillerError, add_distiller_args
+from distillers.vanilla import Vanilla
+from models.factory import ModelError, create_model_at_size
+
+REPO = Path(__file__).resolve().parent
+_logger = logging.getLogger('benchmark')
+
+# families, for which pair a method is run on in `results`; a method missing here counts as a feature method
+LOGIT_METHODS = ('kd', 'dkd', 'wsld', 'nkd', 'dist')
+TEACHER_FREE_METHODS = ('uskd',)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--bench', default='train', choices=['train', 'ufd-loss', 'results'],
+                        help='what to measure (default: train)')
+    group = parser.add_argument_group('Train-step benchmark (--bench train)')
+    group.add_argument('--model', default='resnet18', help='student model (timm name) (default: resnet18)')
+    group.add_argument('--teacher', default='resnet50', help='teacher model (timm name) (default: resnet50)')
+    group.add_argument('--teacher-checkpoint', default='', metavar='PATH',
+                       help='teacher weights (default: random weights, which time the same)')
+    group.add_argument('--distiller', nargs='+', default=['kd'], metavar='NAME',
+                       help=f'one or more of {", ".join(DISTILLERS)}, or all (default: kd)')
+    group.add_argument('-b', '--batch-size', type=int, default=None, metavar='N',
+                       help='batch size (default: 32 for train, 64 for ufd-loss, the config\'s for results)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N',
+                       help='square input size (default: 224 for train, the config\'s for results)')
+    group.add_argument('--num-classes', type=int, default=1000, metavar='N', help='classes (default: 1000)')
+    group.add_argument('--amp', action='store_true', default=False, help='autocast, as train.py --amp')
+    group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
+                       help='autocast dtype (default: float16, with a GradScaler as train.py)')
+    group.add_argument('--channels-last', action='store_true', default=False, help='channels_last layout')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='torch.compile every variant with this backend (default when given: inductor)')
+    group.add_argument('--num-warm-iter', type=int, default=3, metavar='N',
+                       help='untimed steps per variant before timing (default: 3)')
+    group.add_argument('--num-bench-iter', type=int, default=12, metavar='N',
+                       help='timed steps per variant, spread over --rounds (default: 12)')
+    group.add_argument('--rounds', type=int, default=4, metavar='N',
+                       help='round-robin rounds over the variants; the median over rounds is reported (default: 4)')
+    group.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: cuda if available)')
+    group.add_argument('--opt', default='sgd', help='timm optimizer of every variant (default: sgd, as train.py)')
+    group.add_argument('--lr', type=float, default=1e-4, help='learning rate; does not affect speed (default: 1e-4)')
+    group.add_argument('--smoothing', type=float, default=0.1,
+                       help='label smoothing of the task loss, as train.py (default: 0.1)')
+    group.add_argument('--no-nan-check', dest='nan_check', action='store_false', default=True,
+                       help='drop train.py\'s per-step finiteness check (a host-device sync on GPUs)')
+    group.add_argument('--no-peer', action='store_true', default=False,
+                       help='do not time timm\'s LogitDistillationTask')
+    group.add_argument('--no-flops', action='store_true', default=False, help='skip the FLOP counts')
+    group.add_argument('--no-memory', action='store_true', default=False, help='skip the peak-memory pass')
+    group.add_argument('--gt-loss-weight', type=float, default=None, help='as train.py')
+    group.add_argument('--kd-loss-weight', type=float, default=None, help='as train.py')
+    group.add_argument('--teacher-train-mode', action='store_true', default=False, help='as train.py')
+    group.add_argument('--results-file', default='', metavar='FILE', help='write the rows to a csv or json file')
+    group.add_argument('--results-format', default='', choices=['', 'csv', 'json'],
+                       help='format of --results-file (default: from its extension, else csv)')
+    group.add_argument('--dataset', default='', metavar='NAME',
+                       help='time one real batch of this dataset instead of random tensors (train); the dataset '
+                            'of the results table (results; default synthetic)')
+    group.add_argument('--data-dir', default='', metavar='DIR', help='dataset root, as train.py')
+
+    group = parser.add_argument_group('UFD loss benchmark (--bench ufd-loss)')
+    group.add_argument('--ufd-channels', type=int, default=768, metavar='C', help='teacher width (default: 768)')
+    group.add_argument('--ufd-grids', type=int, nargs='+', default=[7, 14], metavar='S',
+                       help='square map sizes (default: 7 14)')
+
+    group = parser.add_argument_group('Results table (--bench results)')
+    group.add_argument('--quick', action='store_true', default=False,
+                       help='one seed and fewer epochs (about 10 minutes on 2 CPU cores)')
+    group.add_argument('--demo', action='store_true', default=False,
+                       help='the quickstart: the ViT-teacher pair, vanilla and ufd, one seed')
+    group.add_argument('--methods', nargs='+', default=None, metavar='NAME',
+                       help='distillers to run (default: every one in the dispatch table)')
+    group.add_argument('--seeds', type=int, default=None, metavar='N', help='seeds per run (default: 3, quick 1)')
+    group.add_argument('--epochs', type=int, default=None, metavar='N', help='student epochs (default: the config\'s)')
+    group.add_argument('--teacher-epochs', type=int, default=None, metavar='N',
+                       help='teacher epochs (default: the config\'s)')
+    group.add_argument('--student', default=None, metavar='MODEL', help='student of both pairs (default: config)')
+    group.add_argument('--cnn-teacher', default=None, metavar='MODEL', help='teacher of the CNN pair')
+    group.add_argument('--vit-teacher', default=None, metavar='MODEL', help='teacher of the heterogeneous pair')
+    group.add_argument('--pairs', nargs='+', default=None, choices=['cnn', 'hetero'],
+                       help='pairs to run (default: both; --demo: hetero)')
+    group.add_argument('--jobs', type=int, default=None, metavar='N',
+                       help='train.py processes at once, each with cpus/jobs threads (default: 2 on the CPU)')
+    group.add_argument('--output', default='', metavar='DIR', help='run folders (default: output/results)')
+    group.add_argument('--train-args', default='', metavar='"ARGS"',
+                       help='extra train.py arguments for every run, e.g. "--synthetic-train-size 256"')
+    group.add_argument('--rerun', action='store_true', default=False,
+                       help='train again even where a finished run with the same command exists')
+    add_distiller_args(parser.add_argument_group('Method parameters (as train.py)'))
+    return parser
+
+
+# ==================================================================================================== helpers
+def resolve_device(name):
+    if name is None:
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(name)
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def machine_description(device):
+    cpu = platform.processor() or 'unknown CPU'
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        if names:
+            cpu = names[0]
+    text = f'{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads'
+    if device.type == 'cuda':
+        text = f'{torch.cuda.get_device_name(device)}; host {text}'
+    with contextlib.suppress(OSError):
+        text += f', load average {os.getloadavg()[0]:.1f}'
+    return text
+
+
+def write_rows(rows, path, fmt=''):
+    fmt = fmt or ('json' if str(path).lower().endswith('.json') else 'csv')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fmt == 'json':
+        with open(path, 'w') as f:
+            json.dump(rows, f, indent=2)
+        return
+    fields = list(OrderedDict((k, None) for row in rows for k in row))
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def fmt_num(value, spec='.2f', missing='-'):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def markdown_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+class PeakMemory:
+    """Peak memory of one call above what was held before it.
+
+    CUDA: max_memory_allocated. CPU: the peak resident set (VmHWM), reset through /proc/self/clear_refs after
+    handing freed heap back to the system (malloc_trim) and with a fixed mmap threshold, so that big tensors are
+    mapped and unmapped and the resident set follows what is live. An approximation (the allocator still caches
+    small blocks); None where /proc cannot be used this way.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.libc = None
+        self.available = device.type == 'cuda'
+        if device.type == 'cpu' and sys.platform.startswith('linux'):
+            try:
+                self.libc = ctypes.CDLL('libc.so.6')
+                self.libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
+                self._reset_cpu()
+                self.available = True
+            except (OSError, AttributeError):
+                self.available = False
+
+    @staticmethod
+    def _status(key):
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f'{key} not in /proc/self/status')
+
+    def _reset_cpu(self):
+        gc.collect()
+        self.libc.malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+
+    def measure(self, fn):
+        """Bytes, or None when not measurable."""
+        if not self.available:
+            fn()
+            return None
+        if self.device.type == 'cuda':
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        self._reset_cpu()
+        base = self._status('VmRSS:')
+        fn()
+        return max(self._status('VmHWM:') - base, 0)
+
+
+def count_flops(fn):
+    """FLOPs of one call (torch.utils.flop_counter: matmuls and convolutions), or None where it fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+    except Exception as e:  # an op the counter cannot follow: report it as missing rather than stop
+        _logger.warning(f'FLOP count failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})')
+        return None
+
+
+# ==================================================================================================== train bench
+class Variant:
+    """One timed thing: a callable that runs a step, and where its numbers go."""
+
+    def __init__(self, name, kind, step, distiller=None):
+        self.name, self.kind, self.step, self.distiller = name, kind, step, distiller
+        self.round_ms = []
+        self.peak_bytes = None
+
+
+def method_namespace(args, input_size):
+    """The attributes a distiller constructor reads from train.py's args."""
+    ns = argparse.Namespace(**vars(args))
+    ns.input_size = input_size
+    return ns
+
+
+def make_criterion(smoothing):
+    from timm.loss import LabelSmoothingCrossEntropy
+    return LabelSmoothingCrossEntropy(smoothing=smoothing) if smoothing else nn.CrossEntropyLoss()
+
+
+def make_optimizer(module, args):
+    from timm.optim import create_optimizer_v2
+    return create_optimizer_v2(module, opt=args.opt, lr=args.lr, weight_decay=2e-5, momentum=0.9)
+
+
+def make_scaler(args, device):
+    if args.amp and args.amp_dtype == 'float16':
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def distill_step_fn(model, optimizer, scaler, amp_autocast, images, labels, nan_check):
+    """train.py's inner step for one batch (no accumulation, no clipping), metric sums included."""
+    sums = {}
+    n = images.shape[0]
+
+    def step():
+        with amp_autocast():
+            _, losses = model(images, labels, epoch=0)
+        loss = sum(losses.values())
+        if nan_check and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError('non-finite loss in the benchmark step')
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, torch.zeros((), device=images.device)) + value.detach().float() * n
+        sums['loss'] = sums.get('loss', torch.zeros((), device=images.device)) + loss.detach().float() * n
+    return step
+
+
+def timm_step_fn(task, optimizer, scaler, amp_autocast, images, labels):
+    """timm's LogitDistillationTask step: task forward, backward, optimizer step."""
+    def step():
+        with amp_autocast():
+            loss = task(images, labels)['loss']
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def capture_teacher_requests(distiller, images, labels, amp_autocast):
+    """The FeatureRequests a distiller hands to teacher_forward in one forward (None = logits only)."""
+    requests = []
+    bound = distiller.teacher_forward
+
+    def recording(x, request=None):
+        requests.append(request)
+        return bound(x, request)
+    distiller.teacher_forward = recording  # an instance attribute in front of the method, for this call only
+    try:
+        with torch.no_grad(), amp_autocast():
+            distiller(images, labels, epoch=0)
+    finally:
+        del distiller.teacher_forward
+    return requests
+
+
+def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=False):
+    def step():
+        ctx = torch.inference_mode() if inference_mode else contextlib.nullcontext()
+        with ctx, amp_autocast():
+            for request in requests:
+                distiller.teacher_forward(images, request)
+    return step
+
+
+def load_real_batch(args, input_size, student, batch_size):
+    from timm.data import resolve_data_config
+    from data import create_eval_dataset
+    from data.loader import build_eval_transform
+    cfg = resolve_data_config({'input_size': input_size}, model=student)
+    dataset = create_eval_dataset(args.dataset, args.data_dir or None, 'val', input_size[-1], args.num_classes,
+                                  max(batch_size, 64), 0)
+    transform = build_eval_transform(cfg)
+    samples = [dataset[i % len(dataset)] for i in range(batch_size)]
+    images = torch.stack([transform(img) for img, _ in samples])
+    labels = torch.tensor([int(t) for _, t in samples]) % args.num_classes
+    return images, labels
+
+
+def resolve_distiller_names(names):
+    if any(n.lower() == 'all' for n in names):
+        return list(DISTILLERS)
+    unknown = [n for n in names if n.lower() not in DISTILLERS]
+    if unknown:
+        raise SystemExit(f'benchmark.py: error: unknown distiller(s) {", ".join(unknown)}; choose from '
+                         f'{", ".join(DISTILLERS)} or all')
+    return [n.lower() for n in names]
+
+
+def time_round_robin(variants, warm, iters, rounds, device):
+    for v in variants:
+        for _ in range(warm):
+            v.step()
+    synchronize(device)
+    per_round = max(1, math.ceil(iters / rounds))
+    for r in range(rounds):
+        # rotate the order so that no variant always runs right after the same one
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                v.step()
+            synchronize(device)
+            v.round_ms.append((time.perf_counter() - start) * 1000 / per_round)
+
+
+def bench_train(args):
+    device = resolve_device(args.device)
+    batch_size = args.batch_size or 32
+    img_size = args.img_size or 224
+    input_size = (3, img_size, img_size)
+    names = resolve_distiller_names(args.distiller)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+
+    def amp_autocast():
+        if args.amp:
+            return torch.autocast(device_type=device.type, dtype=amp_dtype)
+        return contextlib.nullcontext()
+
+    torch.manual_seed(0)
+    student = create_model_at_size(args.model, input_size, num_classes=args.num_classes)
+    needs_teacher = any(DISTILLERS[n].needs_teacher for n in names)
+    teacher = None
+    if needs_teacher:
+        teacher = create_model_at_size(args.teacher, input_size, num_classes=args.num_classes)
+        if args.teacher_checkpoint:
+            from models.checkpoint import load_model_weights
+            load_model_weights(teacher, args.teacher_checkpoint, who='teacher')
+        teacher.to(device).eval()
+        if args.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+
+    if args.dataset or args.data_dir:
+        images, labels = load_real_batch(args, input_size, student, batch_size)
+    else:
+        images = torch.randn(batch_size, *input_size)
+        labels = torch.randint(0, args.num_classes, (batch_size,))
+    images, labels = images.to(device), labels.to(device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    ns = method_namespace(args, input_size)
+    criterion = make_criterion(args.smoothing)
+
+    def prepare(module):
+        module.to(device)
+        if args.channels_last:
+            module.to(memory_format=torch.channels_last)
+        module.train()
+        return module
+
+    def compiled(module):
+        return torch.compile(module, backend=args.torchcompile) if args.torchcompile else module
+
+    variants, rows_info = [], OrderedDict()
+    baseline = prepare(Vanilla(copy.deepcopy(student), None, criterion, ns, input_size))
+    student_variant = Variant('student', 'student', distill_step_fn(
+        compiled(baseline), make_optimizer(baseline, args), make_scaler(args, device), amp_autocast, images, labels,
+        args.nan_check), baseline)
+    variants.append(student_variant)
+
+    teacher_variants = {}  # tuple of requests -> (no_grad variant, inference_mode variant)
+    for name in names:
+        cls = DISTILLERS[name]
+        info = rows_info[name] = {'status': 'ok', 'requests': (), 'variant': None}
+        try:
+            distiller = cls(copy.deepcopy(student), teacher if cls.needs_teacher else None, criterion, ns,
+                            input_size)
+            prepare(distiller)
+            requests = tuple(capture_teacher_requests(distiller, images, labels, amp_autocast)) \
+                if cls.needs_teacher else ()
+        except NotImplementedError:
+            info['status'] = 'not implemented'
+            continue
+        except DistillerError as e:
+            info['status'] = f'unsupported: {e}'
+            continue
+        except Exception as e:  # a distiller under construction must not stop the others' numbers
+            info['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0][:160]}'
+            _logger.warning(f'{name}: {info["status"]}')
+            continue
+        info['requests'] = requests
+        variant = Variant(name, 'distill', distill_step_fn(
+            compiled(distiller), make_optimizer(distiller, args), make_scaler(args, device), amp_autocast, images,
+            labels, args.nan_check), distiller)
+        info['variant'] = variant
+        variants.append(variant)
+        if requests and requests not in teacher_variants:
+            key = f'teacher[{len(teacher_variants)}]'
+            fwd = teacher_step_fn(distiller, requests, amp_autocast, images)
+            if args.torchcompile:
+                fwd = torch.compile(fwd, backend=args.torchcompile)
+            teacher_variants[requests] = (
+                Variant(key, 'teacher', fwd, distiller),
+                Variant(key + '@inference_mode', 'teacher',
+                        teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=True), distiller))
+            variants.extend(teacher_variants[requests])
+
+    peer = None
+    if teacher is not None and not args.no_peer:
+        from timm.task import LogitDistillationTask
+        peer_student = copy.deepcopy(student).to(device)
+        if args.channels_last:
+            peer_student.to(memory_format=torch.channels_last)
+        kd_weight = ns.kd_loss_weight if ns.kd_loss_weight is not None else DISTILLERS['kd'].default_kd_loss_weight
+        task = LogitDistillationTask(peer_student, teacher, criterion=criterion, task_loss_weight=1.0 - kd_weight,
+                                     temperature=ns.kd_temperature, device=device, verbose=False)
+        task.to(device).train()
+        if args.torchcompile:
+            task.compile(backend=args.torchcompile)
+        peer = Variant('timm_kd', 'peer', timm_step_fn(task, make_optimizer(task.trainable_module, args),
+                                                       make_scaler(args, device), amp_autocast, images, labels))
+        variants.append(peer)
+
+    _logger.info(f'Timing {len(variants)} variants: {args.num_warm_iter} warm-up + {args.num_bench_iter} steps each, '
+                 f'{args.rounds} round-robin rounds, batch {batch_size} at {img_size}px on {device}')
+    time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
+
+    if not args.no_memory:
+        meter = PeakMemory(device)
+        for v in variants:
+            v.peak_bytes = meter.measure(v.step)
+
+    flops = {}
+    if not args.no_flops:
+        with torch.no_grad():
+            flops['student'] = count_flops(lambda: baseline.student(images))
+            for requests, (v, _) in teacher_variants.items():
+                flops[requests] = count_flops(lambda: [v.distiller.teacher_forward(images, r) for r in requests])
+            for name, info in rows_info.items():
+                if info['variant'] is not None:
+                    d = info['variant'].distiller
+                    flops[name] = count_flops(lambda: d(images, labels, epoch=0))
+
+    def median(v):
+        return statistics.median(v.round_ms)
+
+    student_ms = median(student_variant)
+    peer_ms = median(peer) if peer is not None else None
+    common = OrderedDict(model=args.model, teacher=args.teacher if teacher is not None else '', batch_size=batch_size,
+                         img_size=img_size, device=str(device), amp=args.amp_dtype if args.amp else 'off',
+                         channels_last=args.channels_last, compile=args.torchcompile or 'off')
+
+    def base_row(v):
+        row = OrderedDict(variant=v.name, kind=v.kind)
+        row.update(common)
+        row.update(step_ms=round(median(v), 3), step_ms_min=round(min(v.round_ms), 3),
+                   step_ms_max=round(max(v.round_ms), 3),
+                   samples_per_sec=round(batch_size * 1000 / median(v), 2),
+                   peak_mem_mb=round(v.peak_bytes / 2 ** 20, 1) if v.peak_bytes is not None else 'n/a')
+        return row
+
+    def gflops(value):
+        return round(value / batch_size / 1e9, 4) if value is not None else None
+
+    rows = []
+    row = base_row(student_variant)
+    row.update(student_gflops_per_img=gflops(flops.get('student')), status='ok')
+    rows.append(row)
+    for requests, pair in teacher_variants.items():
+        for v in pair:
+            row = base_row(v)
+            row.update(teacher_gflops_per_img=gflops(flops.get(requests)), status='ok',
+                       teacher_request='; '.join(describe_request(r) for r in requests))
+            rows.append(row)
+    if peer is not None:
+        row = base_row(peer)
+        row.update(vs_timm=1.0, status='ok')
+        rows.append(row)
+    for name, info in rows_info.items():
+        v = info['variant']
+        if v is None:
+            row = OrderedDict(variant=name, kind='distill')
+            row.update(common)
+            row['status'] = info['status']
+            rows.append(row)
+            continue
+        teacher_ms = median(teacher_variants[info['requests']][0]) if info['requests'] else 0.0
+        teacher_im_ms = median(teacher_variants[info['requests']][1]) if info['requests'] else 0.0
+        row = base_row(v)
+        student_g, teacher_g = flops.get('student'), flops.get(info['requests'], 0) if info['requests'] else 0
+        total_g = flops.get(name)
+        own_g = None
+        if None not in (student_g, teacher_g, total_g):
+            own_g = max(total_g - student_g - teacher_g, 0)
+        row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
+                   teacher_fwd_inference_mode_ms=round(teacher_im_ms, 3),
+                   overhead=round(median(v) / (student_ms + teacher_ms), 3),
+                   vs_timm=round(median(v) / peer_ms, 3) if (peer_ms and name == 'kd') else None,
+                   extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
+                   student_gflops_per_img=gflops(student_g), teacher_gflops_per_img=gflops(teacher_g),
+                   distiller_gflops_per_img=gflops(own_g), teacher_calls=len(info['requests']),
+                   teacher_request='; '.join(describe_request(r) for r in info['requests']), status='ok')
+        rows.append(row)
+    return rows, device
+
+
+def describe_request(request):
+    if request is None:
+        return 'logits'
+    parts = [f'{k}={list(v) if isinstance(v, tuple) else v}' for k, v in vars(request).items()
+             if v not in ((), False, None)] if hasattr(request, '__dict__') else []
+    if not parts:
+        parts = [f'{f}={getattr(request, f)}' for f in request.__dataclass_fields__
+                 if getattr(request, f) not in ((), False, None)]
+    return 'logits+' + ','.join(parts) if parts else 'logits'
+
+
+def print_train_rows(rows, machine):
+    print(f'\nMachine: {machine}')
+    first = next((r for r in rows if 'step_ms' in r), rows[0])
+    print(f'Student {first["model"]}, teacher {first["teacher"] or "-"}, batch {first["batch_size"]} at '
+          f'{first["img_size"]}px, amp {first["amp"]}, channels_last {first["channels_last"]}, '
+          f'compile {first["compile"]}\n')
+    header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'vs timm', 'peak MB', 'extra M params',
+              'GFLOPs/img s/t/own', 'status']
+    table = []
+    for r in rows:
+        if 'step_ms' not in r:
+            table.append([r['variant']] + ['-'] * 8 + [r['status']])
+            continue
+        g = '/'.join(fmt_num(r.get(k), '.3f') for k in ('student_gflops_per_img', 'teacher_gflops_per_img',
+                                                          'distiller_gflops_per_img'))
+        table.append([r['variant'], fmt_num(r['step_ms'], '.1f'), fmt_num(r['samples_per_sec'], '.1f'),
+                      fmt_num(r.get('teacher_fwd_ms'), '.1f'), fmt_num(r.get('overhead'), '.3f'),
+                      fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'], fmt_num(r.get('extra_params_m'), '.3f'),
+                      g, r['status']])
+    print(markdown_table(header, table))
+    print('\noverhead = distill step / (student step + teacher forward); vs timm = kd step / timm '
+          'LogitDistillationTask step. teacher[i]@inference_mode: the same teacher forward under '
+          'torch.inference_mode instead of no_grad.')
+
+
+# ==================================================================================================== ufd-loss bench
+def dct_matrix(n, device, dtype=torch.float32):
+    """Orthonormal DCT-II matrix D (n x n): X = D x; its inverse is D^T."""
+    k = torch.arange(n, device=device, dtype=torch.float64)[:, None]
+    i = torch.arange(n, device=device, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.to(dtype)
+
+
+class DctUfdLoss:
+    """ufd.md §4.1 taken literally: DCT, keep or drop the DC coefficient, inverse DCT, normalize, sum-SE / B.
+
+    The matrices are built once per shape (the original rebuilt them on every call; this is the faster variant).
+    """
+
+    def __init__(self, channels, height, width, device):
+        self.dh, self.dw, self.dc = (dct_matrix(n, device) for n in (height, width, channels))
+        self.sp_mask = torch.zeros(height, width, device=device)
+        self.sp_mask[0, 0] = 1
+        self.ch_mask = torch.zeros(channels, device=device)
+        self.ch_mask[0] = 1
+
+    def _spatial_parts(self, x):
+        spectrum = self.dh @ x @ self.dw.T
+        inverse = lambda s: self.dh.T @ s @ self.dw  # noqa: E731
+        return inverse(spectrum * self.sp_mask), inverse(spectrum * (1 - self.sp_mask))
+
+    def _channel_parts(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C), raster order
+        spectrum = tokens @ self.dc.T
+        return (spectrum * self.ch_mask) @ self.dc, (spectrum * (1 - self.ch_mask)) @ self.dc
+
+    @staticmethod
+    def _sse(a, b, dim):
+        return (F.normalize(a, dim=dim) - F.normalize(b, dim=dim)).pow(2).sum() / a.shape[0]
+
+    def spatial(self, student, teacher):
+        (s_dc, s_ac), (t_dc, t_ac) = self._spatial_parts(student.float()), self._spatial_parts(teacher.float())
+        return self._sse(s_dc, t_dc, 1), self._sse(s_ac, t_ac, 1)
+
+    def channel(self, student, teacher):
+        (s_dc, s_ac), (t_dc, t_ac) = self._channel_parts(student.float()), self._channel_parts(teacher.float())
+        return self._sse(s_dc, t_dc, 1), self._sse(s_ac, t_ac, 1)
+
+
+def bench_ufd_loss(args):
+    from distillers.ufd import channel_decoupled_loss, spatial_decoupled_loss
+    device = resolve_device(args.device)
+    batch = args.batch_size or 64
+    rows = []
+    for size in args.ufd_grids:
+        gen = torch.Generator(device='cpu').manual_seed(size)
+        student = torch.randn(batch, args.ufd_channels, size, size, generator=gen).to(device).requires_grad_()
+        teacher = torch.randn(batch, args.ufd_channels, size, size, generator=gen).to(device)
+        dct = DctUfdLoss(args.ufd_channels, size, size, device)
+
+        def closed():
+            return (*spatial_decoupled_loss(student, teacher), *channel_decoupled_loss(student, teacher))
+
+        def literal():
+            return (*dct.spatial(student, teacher), *dct.channel(student, teacher))
+
+        def with_backward(fn):
+            def run():
+                sum(fn()).backward()
+                student.grad = None
+            return run
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        with torch.no_grad():
+            a, b = closed(), literal()
+        rel = [abs(x.item() - y.item()) / max(abs(y.item()), 1e-30) for x, y in zip(a, b)]
+        variants = [Variant('closed_fwd', 'ufd', no_grad(closed)), Variant('dct_fwd', 'ufd', no_grad(literal)),
+                    Variant('closed_fwd_bwd', 'ufd', with_backward(closed)),
+                    Variant('dct_fwd_bwd', 'ufd', with_backward(literal))]
+        time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
+        ms = {v.name: statistics.median(v.round_ms) for v in variants}
+        for mode in ('fwd', 'fwd_bwd'):
+            rows.append(OrderedDict(
+                bench='ufd-loss', mode=mode, batch_size=batch, channels=args.ufd_channels, grid=f'{size}x{size}',
+                device=str(device), closed_form_ms=round(ms[f'closed_{mode}'], 3), dct_ms=round(ms[f'dct_{mode}'], 3),
+                speedup=round(ms[f'dct_{mode}'] / ms[f'closed_{mode}'], 2),
+                max_rel_diff=float(f'{max(rel):.3g}'),
+                values_closed=' '.join(f'{x.item():.6g}' for x in a),
+                values_dct=' '.join(f'{y.item():.6g}' for y in b)))
+    return rows, device
+
+
+def print_ufd_rows(rows, machine):
+    print(f'\nMachine: {machine}\n')
+    header = ['grid', 'B', 'C', 'pass', 'closed form ms', 'DCT ms', 'speedup', 'max rel diff']
+    print(markdown_table(header, [[r['grid'], r['batch_size'], r['channels'], r['mode'], fmt_num(r['closed_form_ms']),
+                                   fmt_num(r['dct_ms']), fmt_num(r['speedup'], '.1f') + 'x',
+                                   f'{r["max_rel_diff"]:.2e}'] for r in rows]))
+    print('\nTerms compared: spatial DC, spatial AC, channel DC, channel AC (unweighted).')
+
+
+# ==================================================================================================== results table
+DEMO_DIR = REPO / 'configs' / 'demo'
+
+
+class TrainRun:
+    """One train.py subprocess, reused when a finished run with the same command is on disk."""
+
+    def __init__(self, key, run_dir, argv, epochs):
+        self.key, self.run_dir, self.argv, self.epochs = key, Path(run_dir), argv, epochs
+        self.status, self.top1, self.best_top1, self.wall_s = 'pending', None, None, None
+
+    def command(self):
+        return [sys.executable, str(REPO / 'train.py'), *self.argv]
+
+    def finished(self):
+        marker = self.run_dir / 'benchmark_run.json'
+        if not marker.exists():
+            return False
+        with open(marker) as f:
+            info = json.load(f)
+        if info.get('argv') != self.argv or info.get('status') != 'ok':
+            return False
+        self.status, self.top1, self.best_top1, self.wall_s = 'ok', info['top1'], info['best_top1'], info['wall_s']
+        return True
+
+    def run(self, threads, rerun=False):
+        if not rerun and self.finished():
+            return self
+        env = dict(os.environ)
+        env['OMP_NUM_THREADS'] = str(threads)
+        env['PYTHONUNBUFFERED'] = '1'
+        start = time.time()
+        proc = subprocess.run(self.command(), cwd=REPO, env=env, capture_output=True, text=True)
+        self.wall_s = time.time() - start
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / 'benchmark_stdout.txt', 'w') as f:
+            f.write(proc.stdout[-20000:] + '\n--- stderr ---\n' + proc.stderr[-20000:])
+        if proc.returncode != 0:
+            err = proc.stderr.strip().splitlines()
+            if 'NotImplementedError' in proc.stderr:
+                self.status = 'not implemented'
+            elif proc.returncode == 2 and err and 'error:' in err[-1]:
+                self.status = 'unsupported: ' + err[-1].split('error:', 1)[1].strip()
+            else:
+                self.status = f'failed (exit {proc.returncode}): ' + (err[-1][:200] if err else '')
+            return self
+        rows = read_summary(self.run_dir / 'summary.csv')
+        if len(rows) != self.epochs or 'eval_top1' not in rows[-1]:
+            self.status = f'failed: summary has {len(rows)} of {self.epochs} epochs'
+            return self
+        self.top1 = float(rows[-1]['eval_top1'])
+        self.best_top1 = max(float(r['eval_top1']) for r in rows if r.get('eval_top1'))
+        self.status = 'ok'
+        with open(self.run_dir / 'benchmark_run.json', 'w') as f:
+            json.dump({'argv': self.argv, 'status': 'ok', 'top1': self.top1, 'best_top1': self.best_top1,
+                       'wall_s': self.wall_s}, f)
+        return self
+
+
+def read_summary(path):
+    if not Path(path).exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def load_yaml(path):
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def results_plan(args):
+    """Pairs, methods, seeds and epochs of the table."""
+    teacher_cfg, student_cfg = load_yaml(DEMO_DIR / 'teacher.yaml'), load_yaml(DEMO_DIR / 'vanilla.yaml')
+    ufd_cfg = load_yaml(DEMO_DIR / 'ufd.yaml')
+    student = args.student or student_cfg['model']
+    # a pair is (teacher, its --model-kwargs); the heterogeneous one is the demo's teacher
+    hetero = (args.vit_teacher, []) if args.vit_teacher else \
+        (teacher_cfg['model'], [str(kv) for kv in teacher_cfg.get('model_kwargs') or []])
+    pairs = OrderedDict(cnn=(args.cnn_teacher or CNN_PAIR_TEACHER, []), hetero=hetero)
+    selected = args.pairs or (['hetero'] if args.demo else ['cnn', 'hetero'])
+    pairs = OrderedDict((k, v) for k, v in pairs.items() if k in selected)
+    if args.demo:
+        methods = args.methods or ['ufd']
+    else:
+        methods = args.methods or [m for m in DISTILLERS if m != 'vanilla']
+    unknown = [m for m in methods if m not in DISTILLERS]
+    if unknown:
+        raise SystemExit(f'benchmark.py: error: unknown method(s) {", ".join(unknown)}')
+    seeds = args.seeds or (1 if (args.quick or args.demo) else 3)
+    epochs = args.epochs or (QUICK_EPOCHS if args.quick else int(student_cfg['epochs']))
+    teacher_epochs = args.teacher_epochs or (QUICK_TEACHER_EPOCHS if args.quick else int(teacher_cfg['epochs']))
+    return student, pairs, [m for m in methods if m != 'vanilla'], seeds, epochs, teacher_epochs
+
+
+# the CNN pair's teacher (the heterogeneous pair's is configs/demo/ufd.yaml's); quick-mode epochs
+CNN_PAIR_TEACHER = 'test_convnext'
+QUICK_EPOCHS = 4
+QUICK_TEACHER_EPOCHS = 6
+
+
+def bench_results(args):
+    student, pairs, methods, seeds, epochs, teacher_epochs = results_plan(args)
+    output = Path(args.output or REPO / 'output' / ('demo' if args.demo else 'results'))
+    output.mkdir(parents=True, exist_ok=True)
+    data = []
+    if args.dataset:
+        data += ['--dataset', args.dataset]
+    if args.data_dir:
+        data += ['--data-dir', args.data_dir]
+    if args.img_size:
+        data += ['--img-size', str(args.img_size)]
+    if args.batch_size:
+        data += ['--batch-size', str(args.batch_size)]
+    extra = shlex.split(args.train_args)
+    cpus = os.cpu_count() or 1
+    jobs = args.jobs or max(1, min(2, cpus))
+    threads = max(1, cpus // jobs)
+    started = time.time()
+
+    def execute(runs):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for run in pool.map(lambda r: r.run(threads, args.rerun), runs):
+                top1 = f'{run.top1:.2f}' if run.top1 is not None else '-'
+                print(f'  {run.key:<32s} top-1 {top1:>6s}  {run.wall_s or 0:6.1f} s  {run.status}', flush=True)
+
+    # 1. teachers, once per pair
+    teachers = OrderedDict()
+    for pair, (teacher, teacher_kwargs) in pairs.items():
+        argv = ['-c', str(DEMO_DIR / 'teacher.yaml'), '--model', teacher, '--model-kwargs', *teacher_kwargs,
+                '--epochs', str(teacher_epochs),
+                '--seed', '0', *data, *extra, '--output', str(output / pair), '--experiment', 'teacher',
+                '--overwrite']
+        teachers[pair] = TrainRun(f'{pair}: teacher {teacher}', output / pair / 'teacher', argv, teacher_epochs)
+    print(f'Results table: student {student}, teachers {[t for t, _ in pairs.values()]}, methods {methods}, {seeds} seed(s), '
+          f'{epochs} student epochs, {teacher_epochs} teacher epochs, {jobs} job(s) x {threads} thread(s)',
+          flush=True)
+    execute(list(teachers.values()))
+
+    # 2. students: vanilla and uskd once (no teacher), the others per pair
+    runs = []
+
+    def student_run(key, run_dir, method, teacher=None, checkpoint=None, seed=0, teacher_kwargs=()):
+        argv = ['-c', str(DEMO_DIR / 'vanilla.yaml'), '--model', student, '--distiller', method,
+                '--epochs', str(epochs), '--seed', str(seed), *data, *extra]
+        if teacher is not None:
+            argv += ['--teacher', teacher, '--teacher-kwargs', *teacher_kwargs, '--teacher-checkpoint', str(checkpoint)]
+        argv += ['--output', str(run_dir.parent), '--experiment', run_dir.name, '--overwrite']
+        return TrainRun(key, run_dir, argv, epochs)
+
+    table = OrderedDict()  # (method, pair label) -> list of runs
+    for seed in range(seeds):
+        table.setdefault(('vanilla', f'- -> {student}'), []).append(
+            student_run(f'vanilla s{seed}', output / 'student' / f'vanilla_s{seed}', 'vanilla', seed=seed))
+        for method in methods:
+            if method in TEACHER_FREE_METHODS or not DISTILLERS[method].needs_teacher:
+                table.setdefault((method, f'- -> {student}'), []).append(
+                    student_run(f'{method} s{seed}', output / 'student' / f'{method}_s{seed}', method, seed=seed))
+                continue
+            for pair, (teacher, teacher_kwargs) in pairs.items():
+                if method in LOGIT_METHODS and pair != 'cnn' and 'cnn' in pairs:
+                    continue  # logit methods do not depend on the teacher's architecture: one pair is enough
+                if teachers[pair].status != 'ok':
+                    continue
+                ckpt = teachers[pair].run_dir / 'checkpoint' / 'last.pth.tar'
+                table.setdefault((method, f'{teacher} -> {student}'), []).append(
+                    student_run(f'{pair}: {method} s{seed}', output / pair / f'{method}_s{seed}', method, teacher, ckpt,
+                                seed, teacher_kwargs))
+    all_runs = [r for rs in table.values() for r in rs]
+    execute(all_runs)
+
+    rows = results_rows(teachers, pairs, student, table)
+    total = time.time() - started
+    machine = machine_description(torch.device('cpu'))
+    text = results_markdown(rows, args, student, epochs, teacher_epochs, seeds, jobs, threads, total, machine)
+    print('\n' + text)
+    with open(output / 'results.md', 'w') as f:
+        f.write(text + '\n')
+    write_rows(rows, args.results_file or output / 'results.csv', args.results_format)
+    if not args.results_file:
+        write_rows(rows, output / 'results.json', 'json')
+    return rows
+
+
+def results_rows(teachers, pairs, student, table):
+    rows = []
+    for pair, run in teachers.items():
+        rows.append(OrderedDict(method='teacher', pair=f'{pairs[pair][0]} (teacher)', runs=1 if run.top1 is not None else 0,
+                                top1_mean=run.top1, top1_std=None, gain=None, best_top1_mean=run.best_top1,
+                                wall_s=round(run.wall_s, 1) if run.wall_s else None, status=run.status))
+    vanilla = None
+    for (method, label), runs in table.items():
+        ok = [r for r in runs if r.status == 'ok']
+        top1 = [r.top1 for r in ok]
+        mean = statistics.mean(top1) if top1 else None
+        std = statistics.stdev(top1) if len(top1) > 1 else None
+        if method == 'vanilla':
+            vanilla = mean
+        status = 'ok' if len(ok) == len(runs) else next(r.status for r in runs if r.status != 'ok')
+        rows.append(OrderedDict(
+            method=method, pair=label, runs=len(ok), top1_mean=round(mean, 2) if mean is not None else None,
+            top1_std=round(std, 2) if std is not None else None, gain=None,
+            best_top1_mean=round(statistics.mean(r.best_top1 for r in ok), 2) if ok else None,
+            wall_s=round(statistics.mean(r.wall_s for r in ok), 1) if ok else None, status=status))
+    for row in rows:
+        if row['method'] != 'teacher' and row['top1_mean'] is not None and vanilla is not None:
+            row['gain'] = round(row['top1_mean'] - vanilla, 2)
+    return rows
+
+
+def results_markdown(rows, args, student, epochs, teacher_epochs, seeds, jobs, threads, total, machine):
+    dataset = args.dataset or 'synthetic'
+    header = ['method', 'teacher -> student', 'top-1 (mean ± std)', 'gain vs vanilla', 'best-epoch top-1',
+              'wall s/run', 'note']
+    body = []
+    for r in rows:
+        if r['top1_mean'] is None:
+            body.append([r['method'], r['pair'], '-', '-', '-', '-', r['status']])
+            continue
+        std = f' ± {r["top1_std"]:.2f}' if r['top1_std'] is not None else ''
+        gain = f'{r["gain"]:+.2f}' if r['gain'] is not None else ''
+        body.append([r['method'], r['pair'], f'{r["top1_mean"]:.2f}{std}', gain, fmt_num(r['best_top1_mean']),
+                     fmt_num(r['wall_s'], '.0f'), '' if r['status'] == 'ok' else r['status']])
+    lines = [markdown_table(header, body), '',
+             f'Dataset {dataset}; {seeds} seed(s); students {epochs} epochs, teachers {teacher_epochs} epochs; recipe '
+             f'configs/demo/; top-1 at the last epoch; {jobs} train.py process(es) at once x {threads} thread(s); '
+             f'total wall time {total / 60:.1f} min on {machine}.',
+             'Command: python benchmark.py --bench results' + (' --quick' if args.quick else '')
+             + (' --demo' if args.demo else '')]
+    return '\n'.join(lines)
+
+
+# ==================================================================================================== main
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1 or args.num_bench_iter < 1 or args.num_warm_iter < 0:
+        raise SystemExit('benchmark.py: error: --rounds and --num-bench-iter must be at least 1, '
+                         '--num-warm-iter at least 0')
+    if args.bench == 'results':
+        bench_results(args)
+        return 0
+    try:
+        if args.bench == 'ufd-loss':
+            rows, device = bench_ufd_loss(args)
+            print_ufd_rows(rows, machine_description(device))
+        else:
+            rows, device = bench_train(args)
+            print_train_rows(rows, machine_description(device))
+    except (ModelError, DistillerError) as e:
+        raise SystemExit(f'benchmark.py: error: {e}')
+    if args.results_file:
+        write_rows(rows, args.results_file, args.results_format)
+        print(f'\nRows written to {args.results_file}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
