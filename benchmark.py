@@ -40,6 +40,7 @@ import contextlib
 import copy
 import csv
 import ctypes
+import dataclasses
 import gc
 import json
 import logging
@@ -370,8 +371,8 @@ def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=Fa
     def step():
         ctx = torch.inference_mode() if inference_mode else contextlib.nullcontext()
         with ctx, amp_autocast():
-            for request in requests:
-                distiller.teacher_forward(images, request)
+            # returned, so that a compiled version cannot drop the work as dead code
+            return [distiller.teacher_forward(images, request) for request in requests]
     return step
 
 
@@ -498,15 +499,16 @@ def bench_train(args):
         info['variant'] = variant
         variants.append(variant)
         if requests and requests not in teacher_variants:
-            key = f'teacher[{len(teacher_variants)}]'
+            key = 'teacher:' + '; '.join(describe_request(r) for r in requests)
             fwd = teacher_step_fn(distiller, requests, amp_autocast, images)
             if args.torchcompile:
                 fwd = torch.compile(fwd, backend=args.torchcompile)
-            teacher_variants[requests] = (
-                Variant(key, 'teacher', fwd, distiller),
-                Variant(key + '@inference_mode', 'teacher',
-                        teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=True), distiller))
-            variants.extend(teacher_variants[requests])
+            pair = [Variant(key, 'teacher', fwd, distiller)]
+            if not args.torchcompile:  # the fast-path question: is inference_mode worth it over no_grad?
+                pair.append(Variant(key + '@inference_mode', 'teacher', teacher_step_fn(
+                    distiller, requests, amp_autocast, images, inference_mode=True), distiller))
+            teacher_variants[requests] = pair
+            variants.extend(pair)
 
     peer = None
     if teacher is not None and not args.no_peer:
@@ -535,14 +537,16 @@ def bench_train(args):
 
     flops = {}
     if not args.no_flops:
-        with torch.no_grad():
+        # forward passes only, with autograd on as in training (the counter's module tracker expects it)
+        with amp_autocast():
             flops['student'] = count_flops(lambda: baseline.student(images))
-            for requests, (v, _) in teacher_variants.items():
+            for requests, (v, *_) in teacher_variants.items():
                 flops[requests] = count_flops(lambda: [v.distiller.teacher_forward(images, r) for r in requests])
             for name, info in rows_info.items():
                 if info['variant'] is not None:
                     d = info['variant'].distiller
                     flops[name] = count_flops(lambda: d(images, labels, epoch=0))
+                    d.zero_grad(set_to_none=True)
 
     def median(v):
         return statistics.median(v.round_ms)
@@ -588,15 +592,17 @@ def bench_train(args):
             rows.append(row)
             continue
         teacher_ms = median(teacher_variants[info['requests']][0]) if info['requests'] else 0.0
-        teacher_im_ms = median(teacher_variants[info['requests']][1]) if info['requests'] else 0.0
+        teacher_im = teacher_variants[info['requests']][1:] if info['requests'] else []
+        teacher_im_ms = median(teacher_im[0]) if teacher_im else None
         row = base_row(v)
-        student_g, teacher_g = flops.get('student'), flops.get(info['requests'], 0) if info['requests'] else 0
+        student_g = flops.get('student')
+        teacher_g = (flops.get(info['requests']) if info['requests'] else 0) if flops else None
         total_g = flops.get(name)
         own_g = None
         if None not in (student_g, teacher_g, total_g):
             own_g = max(total_g - student_g - teacher_g, 0)
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
-                   teacher_fwd_inference_mode_ms=round(teacher_im_ms, 3),
+                   teacher_fwd_inference_mode_ms=round(teacher_im_ms, 3) if teacher_im_ms is not None else None,
                    overhead=round(median(v) / (student_ms + teacher_ms), 3),
                    vs_timm=round(median(v) / peer_ms, 3) if (peer_ms and name == 'kd') else None,
                    extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
@@ -608,13 +614,14 @@ def bench_train(args):
 
 
 def describe_request(request):
+    """'logits', or what else a FeatureRequest asks for (stages, blocks, final map, ...)."""
     if request is None:
         return 'logits'
-    parts = [f'{k}={list(v) if isinstance(v, tuple) else v}' for k, v in vars(request).items()
-             if v not in ((), False, None)] if hasattr(request, '__dict__') else []
-    if not parts:
-        parts = [f'{f}={getattr(request, f)}' for f in request.__dataclass_fields__
-                 if getattr(request, f) not in ((), False, None)]
+    parts = []
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if value not in ((), False, None):
+            parts.append(field.name if value is True else f'{field.name}={"/".join(map(str, value))}')
     return 'logits+' + ','.join(parts) if parts else 'logits'
 
 
@@ -639,7 +646,7 @@ def print_train_rows(rows, machine):
                       g, r['status']])
     print(markdown_table(header, table))
     print('\noverhead = distill step / (student step + teacher forward); vs timm = kd step / timm '
-          'LogitDistillationTask step. teacher[i]@inference_mode: the same teacher forward under '
+          'LogitDistillationTask step. teacher:<request>@inference_mode: the same teacher forward under '
           'torch.inference_mode instead of no_grad.')
 
 
@@ -755,7 +762,7 @@ class TrainRun:
 
     def __init__(self, key, run_dir, argv, epochs):
         self.key, self.run_dir, self.argv, self.epochs = key, Path(run_dir), argv, epochs
-        self.status, self.top1, self.best_top1, self.wall_s = 'pending', None, None, None
+        self.status, self.top1, self.best_top1, self.wall_s, self.cpu_s = 'pending', None, None, None, None
 
     def command(self):
         return [sys.executable, str(REPO / 'train.py'), *self.argv]
@@ -768,7 +775,8 @@ class TrainRun:
             info = json.load(f)
         if info.get('argv') != self.argv or info.get('status') != 'ok':
             return False
-        self.status, self.top1, self.best_top1, self.wall_s = 'ok', info['top1'], info['best_top1'], info['wall_s']
+        self.status, self.top1, self.best_top1 = 'ok', info['top1'], info['best_top1']
+        self.wall_s, self.cpu_s = info['wall_s'], info.get('cpu_s')
         return True
 
     def run(self, threads, rerun=False):
@@ -777,20 +785,28 @@ class TrainRun:
         env = dict(os.environ)
         env['OMP_NUM_THREADS'] = str(threads)
         env['PYTHONUNBUFFERED'] = '1'
-        start = time.time()
-        proc = subprocess.run(self.command(), cwd=REPO, env=env, capture_output=True, text=True)
-        self.wall_s = time.time() - start
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / 'benchmark_stdout.txt', 'w') as f:
-            f.write(proc.stdout[-20000:] + '\n--- stderr ---\n' + proc.stderr[-20000:])
+        (self.run_dir / 'benchmark_run.json').unlink(missing_ok=True)
+        log_path = self.run_dir.parent / f'{self.run_dir.name}.benchmark.log'
+        start = time.time()
+        with open(log_path, 'w') as log:
+            proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # wait4: the child's own CPU time, which the other runs sharing the machine do not inflate
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        self.wall_s = time.time() - start
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        with open(log_path) as f:
+            output = f.read()
         if proc.returncode != 0:
-            err = proc.stderr.strip().splitlines()
-            if 'NotImplementedError' in proc.stderr:
+            lines = output.strip().splitlines()
+            usage_errors = [line for line in lines if line.startswith('train.py: error:')]
+            if 'NotImplementedError' in output:
                 self.status = 'not implemented'
-            elif proc.returncode == 2 and err and 'error:' in err[-1]:
-                self.status = 'unsupported: ' + err[-1].split('error:', 1)[1].strip()
+            elif proc.returncode == 2 and usage_errors:
+                self.status = 'unsupported: ' + usage_errors[-1].split('error:', 1)[1].strip()
             else:
-                self.status = f'failed (exit {proc.returncode}): ' + (err[-1][:200] if err else '')
+                self.status = f'failed (exit {proc.returncode}): ' + (lines[-1][:200] if lines else '')
             return self
         rows = read_summary(self.run_dir / 'summary.csv')
         if len(rows) != self.epochs or 'eval_top1' not in rows[-1]:
@@ -801,7 +817,7 @@ class TrainRun:
         self.status = 'ok'
         with open(self.run_dir / 'benchmark_run.json', 'w') as f:
             json.dump({'argv': self.argv, 'status': 'ok', 'top1': self.top1, 'best_top1': self.best_top1,
-                       'wall_s': self.wall_s}, f)
+                       'wall_s': self.wall_s, 'cpu_s': self.cpu_s}, f)
         return self
 
 
@@ -870,7 +886,8 @@ def bench_results(args):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for run in pool.map(lambda r: r.run(threads, args.rerun), runs):
                 top1 = f'{run.top1:.2f}' if run.top1 is not None else '-'
-                print(f'  {run.key:<32s} top-1 {top1:>6s}  {run.wall_s or 0:6.1f} s  {run.status}', flush=True)
+                print(f'  {run.key:<28s} top-1 {top1:>6s}  wall {run.wall_s or 0:6.1f} s  CPU {run.cpu_s or 0:6.1f} s  '
+                      f'{run.status}', flush=True)
 
     # 1. teachers, once per pair
     teachers = OrderedDict()
@@ -920,7 +937,8 @@ def bench_results(args):
     rows = results_rows(teachers, pairs, student, table)
     total = time.time() - started
     machine = machine_description(torch.device('cpu'))
-    text = results_markdown(rows, args, student, epochs, teacher_epochs, seeds, jobs, threads, total, machine)
+    text = results_markdown(rows, list(teachers.values()) + all_runs, args, epochs, teacher_epochs, seeds, jobs,
+                            threads, total, machine)
     print('\n' + text)
     with open(output / 'results.md', 'w') as f:
         f.write(text + '\n')
@@ -930,12 +948,17 @@ def bench_results(args):
     return rows
 
 
+def _mean(values, digits=1):
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), digits) if values else None
+
+
 def results_rows(teachers, pairs, student, table):
     rows = []
     for pair, run in teachers.items():
-        rows.append(OrderedDict(method='teacher', pair=f'{pairs[pair][0]} (teacher)', runs=1 if run.top1 is not None else 0,
+        rows.append(OrderedDict(method='teacher', pair=f'{pairs[pair][0]} (teacher)', runs=int(run.top1 is not None),
                                 top1_mean=run.top1, top1_std=None, gain=None, best_top1_mean=run.best_top1,
-                                wall_s=round(run.wall_s, 1) if run.wall_s else None, status=run.status))
+                                wall_s=_mean([run.wall_s]), cpu_s=_mean([run.cpu_s]), status=run.status))
     vanilla = None
     for (method, label), runs in table.items():
         ok = [r for r in runs if r.status == 'ok']
@@ -948,40 +971,45 @@ def results_rows(teachers, pairs, student, table):
         rows.append(OrderedDict(
             method=method, pair=label, runs=len(ok), top1_mean=round(mean, 2) if mean is not None else None,
             top1_std=round(std, 2) if std is not None else None, gain=None,
-            best_top1_mean=round(statistics.mean(r.best_top1 for r in ok), 2) if ok else None,
-            wall_s=round(statistics.mean(r.wall_s for r in ok), 1) if ok else None, status=status))
+            best_top1_mean=_mean([r.best_top1 for r in ok], 2), wall_s=_mean([r.wall_s for r in ok]),
+            cpu_s=_mean([r.cpu_s for r in ok]), status=status))
     for row in rows:
         if row['method'] != 'teacher' and row['top1_mean'] is not None and vanilla is not None:
             row['gain'] = round(row['top1_mean'] - vanilla, 2)
     return rows
 
 
-def results_markdown(rows, args, student, epochs, teacher_epochs, seeds, jobs, threads, total, machine):
-    dataset = args.dataset or 'synthetic'
+def results_markdown(rows, runs, args, epochs, teacher_epochs, seeds, jobs, threads, total, machine):
     header = ['method', 'teacher -> student', 'top-1 (mean ± std)', 'gain vs vanilla', 'best-epoch top-1',
-              'wall s/run', 'note']
+              'wall s/run', 'CPU s/run', 'note']
     body = []
     for r in rows:
         if r['top1_mean'] is None:
-            body.append([r['method'], r['pair'], '-', '-', '-', '-', r['status']])
+            body.append([r['method'], r['pair'], '-', '-', '-', '-', '-', r['status']])
             continue
         std = f' ± {r["top1_std"]:.2f}' if r['top1_std'] is not None else ''
         gain = f'{r["gain"]:+.2f}' if r['gain'] is not None else ''
         body.append([r['method'], r['pair'], f'{r["top1_mean"]:.2f}{std}', gain, fmt_num(r['best_top1_mean']),
-                     fmt_num(r['wall_s'], '.0f'), '' if r['status'] == 'ok' else r['status']])
+                     fmt_num(r['wall_s'], '.0f'), fmt_num(r['cpu_s'], '.0f'),
+                     '' if r['status'] == 'ok' else r['status']])
+    cpu_total = sum(r.cpu_s for r in runs if r.cpu_s is not None)
+    cores = os.cpu_count() or 1
     lines = [markdown_table(header, body), '',
-             f'Dataset {dataset}; {seeds} seed(s); students {epochs} epochs, teachers {teacher_epochs} epochs; recipe '
-             f'configs/demo/; top-1 at the last epoch; {jobs} train.py process(es) at once x {threads} thread(s); '
-             f'total wall time {total / 60:.1f} min on {machine}.',
-             'Command: python benchmark.py --bench results' + (' --quick' if args.quick else '')
-             + (' --demo' if args.demo else '')]
+             f'Dataset {args.dataset or "synthetic"}; {seeds} seed(s); students {epochs} epochs, teachers '
+             f'{teacher_epochs} epochs; recipe configs/demo/; top-1 at the last epoch (mean ± sample std over '
+             f'seeds). {jobs} train.py process(es) at once x {threads} thread(s) on {machine}.',
+             f'Wall time {total / 60:.1f} min; the runs used {cpu_total / 60:.1f} CPU-minutes, i.e. '
+             f'{cpu_total / 60 / cores:.1f} min on {cores} otherwise idle cores.',
+             f'Command: {args.command_line}']
     return '\n'.join(lines)
 
 
 # ==================================================================================================== main
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.command_line = ' '.join(['python benchmark.py'] + [shlex.quote(a) for a in argv])
     if args.rounds < 1 or args.num_bench_iter < 1 or args.num_warm_iter < 0:
         raise SystemExit('benchmark.py: error: --rounds and --num-bench-iter must be at least 1, '
                          '--num-warm-iter at least 0')

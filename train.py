@@ -15,7 +15,6 @@ import csv
 import datetime
 import difflib
 import logging
-import math
 import os
 import random
 import shutil
@@ -495,6 +494,9 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     epoch_start = time.time()
     epoch_samples = 0
     trainable = [p for p in distiller.parameters() if p.requires_grad]
+    # a forward that produces a non-finite loss has already updated BN running stats: keep a copy to restore
+    float_buffers = [b for b in distiller.buffers() if b.is_floating_point()] if args.nan_check else []
+    buffer_backup = [b.detach().clone() for b in float_buffers]
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (images, labels) in enumerate(loader, start=start_batch):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -504,11 +506,14 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
             images = images.contiguous(memory_format=torch.channels_last)
         update_step = (batch_idx + 1) % accum == 0 or batch_idx == last_idx
         sync_context = model.no_sync if (args.distributed and not update_step) else nullcontext
+        if float_buffers:
+            torch._foreach_copy_(buffer_backup, float_buffers)
         with sync_context():
             with amp_autocast():
                 _, losses = model(images, labels, epoch=epoch)
             loss = sum(losses.values())
             if args.nan_check and not bool(torch.isfinite(loss.detach())):
+                torch._foreach_copy_(float_buffers, buffer_backup)
                 bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
                 raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
                                     f'batch {batch_idx} (update {state["num_updates"]})')

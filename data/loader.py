@@ -12,7 +12,6 @@ step alone, whatever the number of workers. So:
 The transforms themselves are timm's (create_transform), so every timm augmentation flag works.
 """
 import random
-from typing import Optional
 
 import numpy as np
 import torch

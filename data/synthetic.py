@@ -12,7 +12,6 @@ Everything is drawn from one torch.Generator seeded by `seed`, so a (seed, split
 same images; the train and val splits share the class definitions and differ in their samples.
 """
 import math
-from typing import Optional
 
 import torch
 from PIL import Image

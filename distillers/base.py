@@ -88,6 +88,14 @@ class Distiller(nn.Module):
             self._teacher_adapter = FeatureAdapter(self.teacher, self.input_size)
         return self._teacher_adapter
 
+    def check_features(self, request: FeatureRequest):
+        """Raise DistillerError, before training, when the student or the teacher cannot serve `request`."""
+        for who in ('student', 'teacher'):
+            try:
+                getattr(self, f'{who}_adapter').check(request, who)
+            except ValueError as e:
+                raise DistillerError(f'{self.name}: {e}') from None
+
     def set_teacher_normalization(self, student_mean, student_std, teacher_mean, teacher_std):
         """Re-normalize the teacher's input when it was trained with another mean/std (as timm's task does)."""
         if tuple(student_mean) == tuple(teacher_mean) and tuple(student_std) == tuple(teacher_std):

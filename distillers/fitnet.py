@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models.features import FeatureRequest
 
-from .base import Distiller, DistillerError, float32_loss
+from .base import Distiller, float32_loss
 
 
 def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -25,15 +25,6 @@ def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch
         if tuple(teacher.shape[-2:]) != grid:
             teacher = F.adaptive_avg_pool2d(teacher, grid)
         return F.mse_loss(student, teacher)
-
-
-def require_features(distiller: Distiller, request: FeatureRequest):
-    """Raise DistillerError, before training, when the student or the teacher cannot serve `request`."""
-    for who in ('student', 'teacher'):
-        try:
-            getattr(distiller, f'{who}_adapter').check(request, who)
-        except ValueError as e:
-            raise DistillerError(f'{distiller.name}: {e}') from None
 
 
 class Regressor(nn.Conv2d):
@@ -60,7 +51,7 @@ class FitNet(Distiller):
         self.stages: Tuple[int, ...] = tuple(dict.fromkeys(int(s) for s in args.fitnet_stage))
         self.fitnet_loss_weight = float(args.fitnet_loss_weight)
         self.request = FeatureRequest(stages=self.stages)
-        require_features(self, self.request)
+        self.check_features(self.request)
         student_desc = self.student_adapter.description
         teacher_desc = self.teacher_adapter.description
         self.regressors = nn.ModuleDict({

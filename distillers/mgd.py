@@ -8,7 +8,6 @@ import torch.nn as nn
 from models.features import FeatureRequest
 
 from .base import Distiller, DistillerError, float32_loss
-from .fitnet import require_features
 
 
 def mgd_loss(generated: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -47,7 +46,7 @@ class MGD(Distiller):
             raise DistillerError(f'--mgd-lambda is a fraction of channels and must lie in [0, 1], not {self.lam}')
         # the last-stage map before pooling (for a CNN, forward_features = its last stage)
         self.request = FeatureRequest(final=True)
-        require_features(self, self.request)
+        self.check_features(self.request)
         student_map = self.student_adapter.description.final
         teacher_map = self.teacher_adapter.description.final
         if student_map.grid != teacher_map.grid:

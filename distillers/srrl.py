@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from models.features import FeatureRequest, to_tokens
 
 from .base import Distiller, DistillerError, float32_loss
-from .fitnet import require_features
 
 
 def srrl_loss(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor,
@@ -54,7 +53,7 @@ class SRRL(Distiller):
         self.beta = float(args.srrl_beta)
         # the map that enters the classifier head (for a CNN, forward_features = its last stage)
         self.request = FeatureRequest(final=True)
-        require_features(self, self.request)
+        self.check_features(self.request)
         self.head_layout = self._teacher_head_layout()
         student_map = self.student_adapter.description.final
         teacher_map = self.teacher_adapter.description.final

@@ -10,7 +10,6 @@ import torch.nn as nn
 from models.features import FeatureRequest, Features, to_map, to_tokens
 
 from .base import Distiller, DistillerError, float32_loss, hard_targets
-from .fitnet import require_features
 from .mgd import Generator
 from .nkd import nkd_loss
 
@@ -66,7 +65,7 @@ class ViTKD(Distiller):
             raise DistillerError(f'--vitkd-lambda is a fraction of tokens and must lie in (0, 1], not {self.lam}')
         # block taps exist only on plain token models (ViT, DeiT, Mixer): the adapter refuses any other
         self.request = FeatureRequest(blocks=SHALLOW_BLOCKS, final=True)
-        require_features(self, self.request)
+        self.check_features(self.request)
         student_tokens = self.student_adapter.description.final
         teacher_tokens = self.teacher_adapter.description.final
         if student_tokens.grid != teacher_tokens.grid:
@@ -91,19 +90,17 @@ class ViTKD(Distiller):
         tokens = aligned * (1.0 - masked) + self.mask_token.to(aligned.dtype) * masked
         return to_tokens(self.generation(to_map(tokens, self.grid)))
 
-    def vitkd_losses(self, student: Features, teacher: Features, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def compute_losses(self, student: Features, teacher: Features, labels: torch.Tensor,
+                       mask: torch.Tensor) -> Dict[str, torch.Tensor]:
         student_low = torch.stack([align(to_tokens(student.blocks[b]))
                                    for align, b in zip(self.align_low, SHALLOW_BLOCKS)], dim=1)
         teacher_low = torch.stack([to_tokens(teacher.blocks[b]) for b in SHALLOW_BLOCKS], dim=1)
         generated = self.generate(to_tokens(student.final), mask)
         return {
+            'loss_gt': self.gt_loss(student.logits, labels),
             'loss_vitkd_mimic': self.alpha * vitkd_mimic_loss(student_low, teacher_low),
             'loss_vitkd_gen': self.beta / self.lam * vitkd_generation_loss(generated, to_tokens(teacher.final), mask),
         }
-
-    def compute_losses(self, student: Features, teacher: Features, labels: torch.Tensor,
-                       mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {'loss_gt': self.gt_loss(student.logits, labels), **self.vitkd_losses(student, teacher, mask)}
 
     def forward(self, images, labels, epoch=0, mask: Optional[torch.Tensor] = None):
         teacher = self.teacher_forward(images, self.request)

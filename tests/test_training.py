@@ -156,7 +156,6 @@ def test_args_yaml_reproduces_the_run(tmp_path):
 @pytest.mark.e2e
 def test_checkpoint_validate_round_trip(tmp_path, teacher_checkpoint):
     run_dir = teacher_checkpoint.parent.parent
-    best = [r for r in read_summary(run_dir)]
     ckpt = torch.load(teacher_checkpoint, weights_only=True)
     results = tmp_path / 'r.json'
     run_script('validate.py', '--checkpoint', teacher_checkpoint, '--workers', '0', '--results-file', results,
@@ -237,7 +236,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     common = [*SYNTHETIC_ARGS, '--model', 'test_vit', '--teacher', 'test_vit', '--distiller', 'kd',
               '--epochs', '1', '--no-aug', '--smoothing', '0', '--synthetic-train-size', '64',
               '--synthetic-val-size', '32', '--warmup-epochs', '0', '--lr', '0.01']
-    single = run_script('train.py', *common, '--batch-size', '16', '--output', tmp_path, '--experiment', 'one')
+    run_script('train.py', *common, '--batch-size', '16', '--output', tmp_path, '--experiment', 'one')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
            str(REPO / 'train.py'), *common, '--batch-size', '8', '--output', str(tmp_path), '--experiment', 'two']
     multi = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)

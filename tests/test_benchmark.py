@@ -1,0 +1,175 @@
+"""benchmark.py: its three modes run end to end on tiny settings, and the pieces its numbers rest on are right."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import benchmark
+from tests.helpers import REPO, run_script
+
+
+# ---------------------------------------------------------------------------------------------- DCT reference
+def test_dct_matrix_is_orthonormal_dct_ii():
+    n = 5
+    d = benchmark.dct_matrix(n, 'cpu', torch.float64)
+    assert torch.allclose(d @ d.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    # hand-worked entries of the orthonormal DCT-II: row 0 is 1/sqrt(n); D[1, 0] = sqrt(2/n) cos(pi / (2n))
+    assert torch.allclose(d[0], torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64))
+    assert d[1, 0].item() == pytest.approx(math.sqrt(2 / n) * math.cos(math.pi / (2 * n)), rel=1e-12)
+    assert d[2, 1].item() == pytest.approx(math.sqrt(2 / n) * math.cos(3 * 2 * math.pi / (2 * n)), rel=1e-12)
+
+
+def test_dct_dc_part_is_the_mean_and_ac_the_rest():
+    """Keeping only coefficient (0, 0) and inverting gives the spatial mean everywhere (ufd.md §4.2)."""
+    x = torch.randn(2, 3, 4, 6)
+    dct = benchmark.DctUfdLoss(3, 4, 6, 'cpu')
+    dc, ac = dct._spatial_parts(x)
+    assert torch.allclose(dc, x.mean(dim=(2, 3), keepdim=True).expand_as(x), atol=1e-6)
+    assert torch.allclose(ac, x - x.mean(dim=(2, 3), keepdim=True), atol=1e-5)
+    dc, ac = dct._channel_parts(x)
+    tokens = x.flatten(2).transpose(1, 2)
+    assert torch.allclose(dc, tokens.mean(dim=2, keepdim=True).expand_as(tokens), atol=1e-6)
+    assert torch.allclose(ac, tokens - tokens.mean(dim=2, keepdim=True), atol=1e-5)
+
+
+def test_dct_losses_by_hand():
+    """One sample, C=2, a 1x2 map: every vector written out."""
+    s = torch.tensor([[[[1., 3.]], [[0., 2.]]]])  # s at the two positions: (1, 0) and (3, 2)
+    t = torch.tensor([[[[2., 2.]], [[1., -1.]]]])  # t: (2, 1) and (2, -1)
+    dct = benchmark.DctUfdLoss(2, 1, 2, 'cpu')
+    sp_dc, sp_ac = dct.spatial(s, t)
+    # spatial means: s (2, 1), t (2, 0); DC counted at both positions
+    u, v = F.normalize(torch.tensor([2., 1.]), dim=0), torch.tensor([1., 0.])
+    assert sp_dc.item() == pytest.approx(2 * (u - v).pow(2).sum().item(), rel=1e-5)
+    # AC: s - mean = (-1, -1), (1, 1); t - mean = (0, 1), (0, -1)
+    r = 1 / math.sqrt(2)
+    expected_ac = ((-r - 0) ** 2 + (-r - 1) ** 2) + ((r - 0) ** 2 + (r + 1) ** 2)
+    assert sp_ac.item() == pytest.approx(expected_ac, rel=1e-5)
+    ch_dc, ch_ac = dct.channel(s, t)
+    # channel means per position: s (0.5, 2.5), t (1.5, 0.5); counted once per channel (C = 2)
+    a, b = F.normalize(torch.tensor([0.5, 2.5]), dim=0), F.normalize(torch.tensor([1.5, 0.5]), dim=0)
+    assert ch_dc.item() == pytest.approx(2 * (a - b).pow(2).sum().item(), rel=1e-5)
+    # AC: channel 0 of s minus token means: (0.5, 0.5), channel 1: (-0.5, -0.5); t: (0.5, 1.5), (-0.5, -1.5)
+    p, q = F.normalize(torch.tensor([0.5, 0.5]), dim=0), F.normalize(torch.tensor([0.5, 1.5]), dim=0)
+    assert ch_ac.item() == pytest.approx(2 * (p - q).pow(2).sum().item(), rel=1e-5)
+
+
+def test_dct_formulation_matches_the_closed_form():
+    from distillers.ufd import channel_decoupled_loss, spatial_decoupled_loss
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 8, 3, 5, generator=gen), torch.randn(3, 8, 3, 5, generator=gen)
+    dct = benchmark.DctUfdLoss(8, 3, 5, 'cpu')
+    for mine, closed in zip((*dct.spatial(s, t), *dct.channel(s, t)),
+                            (*spatial_decoupled_loss(s, t), *channel_decoupled_loss(s, t))):
+        assert mine.item() == pytest.approx(closed.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def test_peak_memory_sees_a_large_temporary():
+    meter = benchmark.PeakMemory(torch.device('cpu'))
+    if not meter.available:
+        pytest.skip('peak RSS cannot be reset on this system')
+    size = 96 * 2 ** 20
+
+    def allocate():
+        x = torch.ones(size // 4)  # 96 MiB, touched
+        return float(x[-1])
+    peak = meter.measure(allocate)
+    assert 0.9 * size < peak < 1.5 * size
+    assert meter.measure(lambda: None) < 0.2 * size
+
+
+def test_round_robin_times_every_variant_every_round():
+    calls = []
+    variants = [benchmark.Variant(name, 'x', lambda name=name: calls.append(name)) for name in 'abc']
+    benchmark.time_round_robin(variants, warm=1, iters=4, rounds=2, device=torch.device('cpu'))
+    assert [len(v.round_ms) for v in variants] == [2, 2, 2]
+    assert calls[:3] == ['a', 'b', 'c']  # warm-up
+    timed = calls[3:]
+    assert len(timed) == 3 * 4
+    assert timed[:6] == ['a', 'a', 'b', 'b', 'c', 'c'] and timed[6:] == ['b', 'b', 'c', 'c', 'a', 'a']
+
+
+def test_results_rows_means_gains_and_failures():
+    def run(top1, status='ok', wall=10.0):
+        r = benchmark.TrainRun('k', '/nonexistent', [], 1)
+        r.status, r.top1, r.best_top1, r.wall_s = status, top1, top1, wall
+        return r
+    teachers = {'cnn': run(90.0)}
+    table = {('vanilla', '- -> s'): [run(50.0), run(54.0)], ('kd', 't -> s'): [run(60.0), run(61.0)],
+             ('ufd', 't -> s'): [run(None, 'not implemented')]}
+    rows = benchmark.results_rows(teachers, {'cnn': ('t', [])}, 's', table)
+    by = {r['method']: r for r in rows}
+    assert by['teacher']['top1_mean'] == 90.0 and by['teacher']['gain'] is None
+    assert by['vanilla']['top1_mean'] == 52.0 and by['vanilla']['gain'] == 0.0
+    assert by['vanilla']['top1_std'] == pytest.approx(math.sqrt(8), abs=0.01)
+    assert by['kd']['gain'] == pytest.approx(60.5 - 52.0)
+    assert by['ufd']['top1_mean'] is None and by['ufd']['status'] == 'not implemented'
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.e2e
+def test_train_bench_two_distillers(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = run_script('benchmark.py', '--model', 'test_resnet', '--teacher', 'test_resnet', '--distiller', 'kd',
+                      'fitnet', 'vitkd', '--img-size', '32', '-b', '4', '--num-classes', '10', '--num-warm-iter', '1',
+                      '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu', '--results-file', out)
+    assert 'overhead' in proc.stdout
+    rows = {r['variant']: r for r in json.loads(out.read_text())}
+    assert {'student', 'teacher:logits', 'timm_kd', 'kd', 'fitnet', 'vitkd'} <= set(rows)
+    for name in ('student', 'teacher:logits', 'timm_kd', 'kd', 'fitnet'):
+        assert rows[name]['step_ms'] > 0 and rows[name]['samples_per_sec'] > 0, name
+    kd, fitnet = rows['kd'], rows['fitnet']
+    assert kd['teacher_request'] == 'logits' and kd['teacher_calls'] == 1
+    assert kd['teacher_fwd_ms'] == rows['teacher:logits']['step_ms']
+    assert kd['overhead'] == pytest.approx(kd['step_ms'] / (rows['student']['step_ms'] + kd['teacher_fwd_ms']),
+                                           abs=2e-3)
+    assert kd['vs_timm'] == pytest.approx(kd['step_ms'] / rows['timm_kd']['step_ms'], abs=2e-3)
+    assert kd['extra_params_m'] == 0 and kd['distiller_gflops_per_img'] == 0
+    assert kd['student_gflops_per_img'] == kd['teacher_gflops_per_img'] > 0  # the same architecture
+    # fitnet regresses stage maps: the teacher returns them, and its regressors are extra parameters
+    assert fitnet['teacher_request'].startswith('logits+stages=') and fitnet['extra_params_m'] > 0
+    assert fitnet['vs_timm'] is None
+    assert rows['vitkd']['status'].startswith('unsupported:')
+
+
+@pytest.mark.e2e
+def test_ufd_loss_bench(tmp_path):
+    out = tmp_path / 'ufd.csv'
+    run_script('benchmark.py', '--bench', 'ufd-loss', '-b', '2', '--ufd-channels', '16', '--ufd-grids', '3', '4',
+               '--num-warm-iter', '0', '--num-bench-iter', '1', '--rounds', '1', '--device', 'cpu',
+               '--results-file', out)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['grid'], r['mode']) for r in rows] == [('3x3', 'fwd'), ('3x3', 'fwd_bwd'), ('4x4', 'fwd'),
+                                                     ('4x4', 'fwd_bwd')]
+    for r in rows:
+        assert float(r['max_rel_diff']) < 1e-4
+        assert float(r['speedup']) == pytest.approx(float(r['dct_ms']) / float(r['closed_form_ms']), rel=0.02)
+
+
+@pytest.mark.e2e
+def test_results_quick_two_methods(tmp_path):
+    out = tmp_path / 'table.csv'
+    proc = run_script('benchmark.py', '--bench', 'results', '--quick', '--methods', 'kd', 'uskd', '--pairs', 'cnn',
+                      '--student', 'test_resnet', '--cnn-teacher', 'test_resnet', '--epochs', '1',
+                      '--teacher-epochs', '1', '--jobs', '2', '--output', tmp_path / 'runs', '--results-file', out,
+                      '--train-args', '--synthetic-train-size 64 --synthetic-val-size 32 --img-size 32 '
+                      '--batch-size 16 --synthetic-classes 4', timeout=900)
+    with open(out) as f:
+        rows = {r['method']: r for r in csv.DictReader(f)}
+    assert set(rows) == {'teacher', 'vanilla', 'kd', 'uskd'}
+    for name, row in rows.items():
+        assert row['status'] == 'ok', (name, row['status'])
+        assert 0 <= float(row['top1_mean']) <= 100 and float(row['wall_s']) > 0
+        assert row['runs'] == '1' and row['top1_std'] == ''  # one seed: no spread
+    vanilla = float(rows['vanilla']['top1_mean'])
+    for name in ('kd', 'uskd'):
+        assert float(rows[name]['gain']) == pytest.approx(float(rows[name]['top1_mean']) - vanilla, abs=0.011)
+    assert rows['kd']['pair'] == 'test_resnet -> test_resnet' and rows['uskd']['pair'] == '- -> test_resnet'
+    table = (tmp_path / 'runs' / 'results.md').read_text()
+    assert '| method | teacher -> student | top-1 (mean ± std) |' in table
+    assert 'benchmark.py --bench results --quick' in table and table in proc.stdout
