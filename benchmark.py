@@ -123,7 +123,7 @@ def build_parser():
     group.add_argument('--dataset', default='', metavar='NAME',
                        help='time one real batch of this dataset instead of random tensors (train); the dataset '
                             'of the results table (results; default synthetic)')
-    group.add_argument('--data-dir', default='', metavar='DIR', help='dataset root, as train.py')
+    group.add_argument('--data-dir', '--data', default='', metavar='DIR', help='dataset root, as train.py')
 
     group = parser.add_argument_group('UFD loss benchmark (--bench ufd-loss)')
     group.add_argument('--ufd-channels', type=int, default=768, metavar='C', help='teacher width (default: 768)')

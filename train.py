@@ -34,7 +34,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, init_distributed_device
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, init_distributed_device
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 from data import DatasetError, create_datasets
@@ -518,16 +518,16 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
                 raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
                                     f'batch {batch_idx} (update {state["num_updates"]})')
             if loss_scaler is not None:
-                loss_scaler._scaler.scale(loss / accum).backward()
+                loss_scaler.scale(loss / accum).backward()
             else:
                 (loss / accum).backward()
         if update_step:
             if loss_scaler is not None:
                 if args.clip_grad is not None:
-                    loss_scaler._scaler.unscale_(optimizer)
+                    loss_scaler.unscale_(optimizer)
                     dispatch_clip_grad(trainable, args.clip_grad, mode=args.clip_mode)
-                loss_scaler._scaler.step(optimizer)
-                loss_scaler._scaler.update()
+                loss_scaler.step(optimizer)
+                loss_scaler.update()
             else:
                 if args.clip_grad is not None:
                     dispatch_clip_grad(trainable, args.clip_grad, mode=args.clip_mode)
@@ -787,7 +787,7 @@ def main(argv=None):
             return torch.autocast(device_type=device.type, dtype=amp_dtype)
     else:
         amp_autocast = nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    loss_scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
 
     model_ema = None
     if args.model_ema:

@@ -256,3 +256,41 @@ def test_a_config_does_not_leak_into_the_next_parse(tmp_path):
     cfg = write_yaml(tmp_path / 'c.yaml', {'epochs': 7})
     assert train.parse_args(['-c', cfg])[0].epochs == 7
     assert train.parse_args([])[0].epochs == 300
+
+
+@pytest.mark.e2e
+def test_image_folder_dataset_trains_and_validates(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'folder'
+    colors = {'red': (200, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 200)}
+    for split in ('train', 'val'):
+        for name, color in colors.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(8):
+                jitter = tuple(max(0, min(255, c + 10 * (i - 4))) for c in color)
+                Image.new('RGB', (40, 36), jitter).save(root / split / name / f'{i}.png')
+    _, run_dir = run_train(tmp_path, '--dataset', '', '--data-dir', root, '--model', 'test_resnet', '--epochs', '4',
+                           '--batch-size', '8', '--img-size', '32', '--opt', 'adamw', '--lr', '3e-3',
+                           '--warmup-epochs', '0', '--no-aug', '--smoothing', '0', synthetic=False)
+    rows = read_summary(run_dir)
+    assert float(rows[-1]['eval_top1']) > 60.0  # three flat colours: chance is 33%
+    results = tmp_path / 'r.json'
+    run_script('validate.py', root, '--checkpoint', run_dir / 'checkpoint' / 'last.pth.tar', '--workers', '0',
+               '--results-file', results, '--results-format', 'json')
+    row = json.loads(results.read_text())
+    assert row['images'] == 24 and row['top1'] == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
+
+
+@pytest.mark.e2e
+def test_amp_bf16_channels_last_grad_accum_ema(tmp_path):
+    _, run_dir = run_train(tmp_path, '--model', 'test_resnet', '--teacher', 'test_resnet', '--distiller', 'kd',
+                           '--epochs', '1', '--amp', '--amp-dtype', 'bfloat16', '--channels-last',
+                           '--grad-accum-steps', '2', '--model-ema', '--model-ema-decay', '0.5', '--mixup', '0.2',
+                           '--cutmix', '1.0', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25')
+    row = read_summary(run_dir)[0]
+    for col in ('train_loss_gt', 'train_loss_kd', 'eval_top1', 'eval_top1_ema'):
+        assert float(row[col]) == float(row[col]), col
+    ckpt = torch.load(run_dir / 'checkpoint' / 'last.pth.tar', weights_only=True)
+    assert ckpt['step'] == 2  # 128 images / 32 per batch = 4 batches = 2 updates
+    assert ckpt['state_dict_ema'] is not None
+    assert not torch.equal(ckpt['state_dict_ema']['fc.weight'], ckpt['state_dict']['fc.weight'])
