@@ -34,7 +34,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, init_distributed_device
+from timm.utils import ModelEmaV3, dispatch_clip_grad, init_distributed_device
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 from data import DatasetError, create_datasets
@@ -43,6 +43,7 @@ from distillers import DISTILLERS, DistillerError, add_distiller_args, get_disti
 from models.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_save, file_sha256,
                                load_checkpoint_file, load_model_weights)
 from models.factory import ModelError, create_model_at_size
+from validate import evaluate
 
 _logger = logging.getLogger('train')
 
@@ -585,22 +586,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     return metrics
 
 
-@torch.no_grad()
 def validate(model, loader, args, device, amp_autocast, log_suffix=''):
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction='sum')
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            logits = model(images)
-        logits = logits.float()
-        top1, top5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[-1])))
-        n = images.shape[0]
-        totals += torch.stack([loss_fn(logits, labels).double(), top1.double() * n / 100,
-                               top5.double() * n / 100, torch.tensor(float(n), device=device, dtype=torch.float64)])
+    totals = evaluate(model, loader, device, amp_autocast, args.channels_last)
     totals = reduce_sum(totals, args)
     count = max(totals[3].item(), 1.0)
     metrics = OrderedDict(loss=totals[0].item() / count, top1=100 * totals[1].item() / count,
@@ -1009,11 +996,12 @@ def main(argv=None):
 
 def _validate_teacher(distiller, loader, args, device, amp_autocast):
     class TeacherView(nn.Module):
+        """The teacher as the distiller runs it (re-normalized input); no submodules, so eval() leaves its mode."""
+
         def forward(self, x):
             return distiller.teacher(distiller.teacher_input(x))
-    view = TeacherView()
-    view.eval = lambda: view  # the teacher's mode is the distiller's business
-    return validate(view, loader, args, device, amp_autocast, ' (teacher)')
+
+    return validate(TeacherView(), loader, args, device, amp_autocast, ' (teacher)')
 
 
 def _file_handler(path):

@@ -135,30 +135,37 @@ def validate_one(args, checkpoint_path, device):
         model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
-    loss_fn = nn.CrossEntropyLoss(reduction='sum')
-    total_loss, correct1, correct5, count = 0.0, 0.0, 0.0, 0
     start = time.time()
-    with torch.no_grad():
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(images)
-            logits = logits.float()
-            top1, top5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[-1])))
-            n = images.shape[0]
-            total_loss += loss_fn(logits, labels).item()
-            correct1 += top1.item() * n / 100
-            correct5 += top5.item() * n / 100
-            count += n
+    total_loss, correct1, correct5, count = evaluate(model, loader, device, autocast, args.channels_last).tolist()
     elapsed = time.time() - start
     return OrderedDict(
         model=model_name, checkpoint=checkpoint_path, top1=round(100 * correct1 / max(count, 1), 3),
         top5=round(100 * correct5 / max(count, 1), 3), loss=round(total_loss / max(count, 1), 5),
         param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         img_size=int(data_config['input_size'][-1]), samples_per_sec=round(count / max(elapsed, 1e-9), 1),
-        images=count, ema=args.use_ema)
+        images=int(count), ema=args.use_ema)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast=nullcontext, channels_last=False) -> torch.Tensor:
+    """Sums over the loader, as float64 on `device`: (cross-entropy, top-1 hits, top-5 hits, images).
+
+    Sums rather than means, so that train.py can add them up across DDP ranks exactly.
+    """
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction='sum')
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images).float()
+        top1, top5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[-1])))
+        n = images.shape[0]
+        totals += torch.stack([loss_fn(logits, labels).double(), top1.double() * n / 100, top5.double() * n / 100,
+                               torch.tensor(float(n), device=device, dtype=torch.float64)])
+    return totals
 
 
 def write_results(rows, path, fmt):
