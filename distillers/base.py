@@ -43,6 +43,8 @@ class Distiller(nn.Module):
     # weights applied when --gt-loss-weight / --kd-loss-weight are not given (the method's own spec values)
     default_gt_loss_weight = 1.0
     default_kd_loss_weight = 1.0
+    # KD-style objectives weigh the task loss by 1 - alpha when --gt-loss-weight is not given (logit.md §1)
+    gt_complements_kd = False
     # set where some trainable parameters legitimately get no gradient in a step
     find_unused_parameters = False
 
@@ -73,7 +75,7 @@ class Distiller(nn.Module):
             teacher.train(self.teacher_train_mode)
 
     def resolve_gt_loss_weight(self) -> float:
-        return self.default_gt_loss_weight
+        return 1.0 - self.kd_loss_weight if self.gt_complements_kd else self.default_gt_loss_weight
 
     # ---------------------------------------------------------------- features
     @property

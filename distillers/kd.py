@@ -19,6 +19,7 @@ class KD(Distiller):
     """Total = (1 - alpha) * CE + alpha * kd_loss, alpha = --kd-loss-weight (default 0.5)."""
     name = 'kd'
     default_kd_loss_weight = 0.5
+    gt_complements_kd = True
 
     @classmethod
     def add_args(cls, parser):
@@ -29,8 +30,6 @@ class KD(Distiller):
         super().__init__(student, teacher, criterion, args, input_size)
         self.temperature = float(args.kd_temperature)
 
-    def resolve_gt_loss_weight(self):
-        return 1.0 - self.kd_loss_weight
 
     def forward(self, images, labels, epoch=0):
         teacher_logits = self.teacher_forward(images).logits

@@ -134,6 +134,7 @@ class ScaleKD(Distiller):
     """Total = w_gt * CE + w_kd * kd_loss(T) + the weighted spatial and frequency terms of stages 3 and 4."""
     name = 'scalekd'
     default_kd_loss_weight = 0.5
+    gt_complements_kd = True
 
     @classmethod
     def add_args(cls, parser):
@@ -223,8 +224,6 @@ class ScaleKD(Distiller):
         self.teacher_request = teacher_request
         warn_train_mode_batchnorm(self)
 
-    def resolve_gt_loss_weight(self):
-        return 1.0 - self.kd_loss_weight
 
     def no_weight_decay(self):
         return cap_no_weight_decay(self)

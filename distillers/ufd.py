@@ -229,6 +229,7 @@ class UFD(Distiller):
     """Total = (1 - kd weight) * CE + kd weight * kd_loss(T) + the four weighted UFD terms (ufd.md §5)."""
     name = 'ufd'
     default_kd_loss_weight = 0.5
+    gt_complements_kd = True
 
     @classmethod
     def add_args(cls, parser):
@@ -279,8 +280,6 @@ class UFD(Distiller):
         self.proj_channel = projector(scales[1])
         warn_train_mode_batchnorm(self)
 
-    def resolve_gt_loss_weight(self):
-        return 1.0 - self.kd_loss_weight
 
     def no_weight_decay(self):
         return cap_no_weight_decay(self)
