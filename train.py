@@ -38,9 +38,10 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad, init_distributed_device
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 from data import DatasetError, create_datasets
+from data.errors import user_message
 from data.loader import build_eval_transform, build_train_transform, create_eval_loader, create_train_loader
 from distillers import DISTILLERS, DistillerError, add_distiller_args, get_distiller_class
-from models.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_save, file_sha256,
+from models.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_copy, atomic_save, file_sha256,
                                load_checkpoint_file, load_model_weights)
 from models.factory import ModelError, create_model_at_size
 from validate import evaluate
@@ -352,7 +353,10 @@ def parse_kwargs(items, flag):
         if '=' not in item:
             raise UsageError(f'{flag} takes KEY=VALUE items, not {item!r}')
         key, value = item.split('=', 1)
-        kwargs[key] = yaml.safe_load(value)
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f'{flag} item {item!r} has a value that is not valid YAML') from None
     return kwargs
 
 
@@ -412,6 +416,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _all_ranks_finite(loss, args):
+    """Every rank must stop at the same step, or the others would wait in the gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if args.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 class CheckpointManager:
     """`last.pth.tar` every epoch, `model_best.pth.tar`, the top-k `checkpoint-<epoch>.pth.tar`, and
@@ -440,19 +452,43 @@ class CheckpointManager:
             self.history.append((metric, epoch))
             self.history.sort(key=lambda t: t[0], reverse=not self.decreasing)
             if any(e == epoch for _, e in self.history[:self.max_history]):
-                shutil.copyfile(self.path('last.pth.tar'), self.path(f'.checkpoint-{epoch}.tmp'))
-                os.replace(self.path(f'.checkpoint-{epoch}.tmp'), self.path(f'checkpoint-{epoch}.pth.tar'))
+                atomic_copy(self.path('last.pth.tar'), self.path(f'checkpoint-{epoch}.pth.tar'))
             for _, old in self.history[self.max_history:]:
                 with suppress(FileNotFoundError):
                     os.remove(self.path(f'checkpoint-{old}.pth.tar'))
             self.history = self.history[:self.max_history]
         if state.get('best_epoch') == epoch:
-            shutil.copyfile(self.path('last.pth.tar'), self.path('.model_best.tmp'))
-            os.replace(self.path('.model_best.tmp'), self.path('model_best.pth.tar'))
+            atomic_copy(self.path('last.pth.tar'), self.path('model_best.pth.tar'))
 
     def save_recovery(self, state):
         os.makedirs(self.folder, exist_ok=True)
         atomic_save(state, self.path('recovery.pth.tar'))
+
+
+def _decide_run_folder(args):
+    """(run folder, checkpoint to resume or '', refusal message or '') for the arguments."""
+    output_base = args.output or './output/train'
+    if args.resume and args.resume != 'auto':
+        try:
+            load_checkpoint_file(args.resume)  # a missing or corrupt file is refused here, before anything else
+        except CheckpointError as e:
+            return '', '', str(e)
+        run_dir = os.path.join(output_base, args.experiment) if args.experiment else \
+            os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        return run_dir, args.resume, ''
+    name = args.experiment or '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                        args.model.replace('/', '_'),
+                                        (args.teacher or 'noteacher').replace('/', '_'), args.distiller])
+    run_dir = os.path.join(output_base, name)
+    if args.resume == 'auto':
+        resume_path, _ = find_resume_checkpoint(run_dir)
+        if resume_path is None:
+            _logger.info(f'--resume auto: no valid checkpoint in {run_dir}, starting a new run')
+        return run_dir, resume_path or '', ''
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not args.overwrite:
+        return run_dir, '', (f'run folder {run_dir!r} already exists; pick another --experiment, continue it '
+                             f'with --resume auto, or pass --overwrite')
+    return run_dir, '', ''
 
 
 def find_resume_checkpoint(run_dir):
@@ -490,6 +526,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     sums = state['loss_sums']  # name -> float tensor on device, summed over the epoch's batches
     seen = state['samples']
     last_idx = batches_per_epoch - 1
+    last_window = batches_per_epoch % accum or accum
     log_start = time.time()
     log_samples = 0
     epoch_start = time.time()
@@ -506,6 +543,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         update_step = (batch_idx + 1) % accum == 0 or batch_idx == last_idx
+        # the last window of an epoch may hold fewer batches than --grad-accum-steps (timm's last_accum_steps)
+        window = last_window if batch_idx >= batches_per_epoch - last_window else accum
         sync_context = model.no_sync if (args.distributed and not update_step) else nullcontext
         if float_buffers:
             torch._foreach_copy_(buffer_backup, float_buffers)
@@ -513,15 +552,15 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
             with amp_autocast():
                 _, losses = model(images, labels, epoch=epoch)
             loss = sum(losses.values())
-            if args.nan_check and not bool(torch.isfinite(loss.detach())):
+            if args.nan_check and not _all_ranks_finite(loss, args):
                 torch._foreach_copy_(float_buffers, buffer_backup)
                 bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
                 raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
                                     f'batch {batch_idx} (update {state["num_updates"]})')
             if loss_scaler is not None:
-                loss_scaler.scale(loss / accum).backward()
+                loss_scaler.scale(loss / window).backward()
             else:
-                (loss / accum).backward()
+                (loss / window).backward()
         if update_step:
             if loss_scaler is not None:
                 if args.clip_grad is not None:
@@ -575,7 +614,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
         if update_step and args.recovery_interval and state['num_updates'] % args.recovery_interval == 0 \
                 and batch_idx != last_idx:
             save_recovery(epoch)
-        if preemption.requested(args, device) and batch_idx != last_idx:
+        # only at an update boundary: gradients accumulated inside a window are not part of a checkpoint
+        if update_step and batch_idx != last_idx and preemption.requested(args, device):
             save_recovery(epoch)
             return None
     state['epoch_time'] = time.time() - epoch_start
@@ -604,32 +644,54 @@ def setup_logging(rank):
                         stream=sys.stdout, force=True)
 
 
-def build_teacher(args, num_classes, input_size):
+def build_teacher(args, num_classes, input_size, student_mean, student_std):
+    """The teacher, its identity (logged and saved, no weights) and the mean/std its weights expect."""
     kwargs = parse_kwargs(args.teacher_kwargs, '--teacher-kwargs')
-    checkpoint = args.teacher_checkpoint or (args.teacher_pretrained or '')
+    checkpoint_path = args.teacher_checkpoint or (args.teacher_pretrained or '')
     hub = args.teacher_pretrained == '' and not args.teacher_checkpoint
-    if checkpoint and not os.path.isfile(checkpoint):
-        raise UsageError(f'teacher checkpoint {checkpoint!r} does not exist')
+    if checkpoint_path and not os.path.isfile(checkpoint_path):
+        raise UsageError(f'teacher checkpoint {checkpoint_path!r} does not exist')
     try:
-        teacher = create_model_at_size(args.teacher, input_size, pretrained=hub, num_classes=num_classes, **kwargs)
+        if hub:  # hub weights keep their own head: a class count that differs is an error, not a random head
+            teacher = create_model_at_size(args.teacher, input_size, pretrained=True, **kwargs)
+        else:
+            teacher = create_model_at_size(args.teacher, input_size, num_classes=num_classes, **kwargs)
     except ModelError:
         raise
+    except TypeError as e:
+        raise UsageError(f'teacher {args.teacher!r} does not take these arguments ({e}); check '
+                         f'--teacher-kwargs') from None
     except Exception as e:
         if hub:
             raise UsageError(f'timm pretrained weights of teacher {args.teacher!r} cannot be had here '
                              f'({type(e).__name__}); pass --teacher-checkpoint FILE instead') from None
         raise
-    identity = {'name': args.teacher, 'checkpoint': checkpoint or ('timm-pretrained' if hub else 'random-init')}
-    if checkpoint:
-        load_model_weights(teacher, checkpoint, use_ema=args.teacher_use_ema, who='teacher')
-        identity['sha256'] = file_sha256(checkpoint, 16)
-    return teacher, identity
+    if hub and teacher.num_classes != num_classes:
+        raise UsageError(f'the timm pretrained teacher {args.teacher!r} has {teacher.num_classes} classes, but the '
+                         f'dataset has {num_classes}; fine-tune a teacher and pass --teacher-checkpoint FILE')
+    identity = {'name': args.teacher,
+                'checkpoint': checkpoint_path or ('timm-pretrained' if hub else 'random-init')}
+    cfg = getattr(teacher, 'pretrained_cfg', None) or {}
+    mean, std = cfg.get('mean', student_mean), cfg.get('std', student_std)
+    if checkpoint_path:
+        checkpoint = load_checkpoint_file(checkpoint_path)
+        load_model_weights(teacher, checkpoint_path, use_ema=args.teacher_use_ema, who='teacher',
+                           checkpoint=checkpoint)
+        identity['sha256'] = file_sha256(checkpoint_path, 16)
+        # a run of this project records the normalization it trained with; other files follow timm's config
+        saved = checkpoint.get('data_config') if isinstance(checkpoint.get('data_config'), dict) else {}
+        mean, std = saved.get('mean', mean), saved.get('std', std)
+    elif not hub:
+        mean, std = student_mean, student_std
+    return teacher, identity, (tuple(mean), tuple(std))
 
 
 def main(argv=None):
     args, args_text = parse_args(argv)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UsageError(f'--device {args.device} asks for a GPU, but none is available; use --device cpu')
     device = init_distributed_device(args)
     setup_logging(args.rank)
     if args.deterministic:
@@ -647,31 +709,24 @@ def main(argv=None):
         raise UsageError(f'--grad-accum-steps must be at least 1, not {args.grad_accum_steps}')
     if args.batch_size < 1:
         raise UsageError(f'--batch-size must be at least 1, not {args.batch_size}')
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2 \
+            and args.mixup_mode == 'batch':
+        raise UsageError(f'mixup/cutmix pair each image with another: --batch-size must be even, not '
+                         f'{args.batch_size}')
     if args.sync_bn and device.type != 'cuda':
         raise UsageError('--sync-bn needs GPUs (SyncBatchNorm has no CPU kernel); drop it on the CPU')
     if args.resume == 'auto' and not args.experiment:
         raise UsageError('--resume auto needs --experiment NAME to know which run folder to continue')
 
     # ------------------------------------------------------------------ run folder (never overwritten by accident)
-    resume_path, resume_ckpt = '', None
-    output_base = args.output or './output/train'
-    if args.resume and args.resume != 'auto':
-        resume_path = args.resume
-        resume_ckpt = load_checkpoint_file(resume_path)
-        run_dir = os.path.join(output_base, args.experiment) if args.experiment else \
-            os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-    else:
-        name = args.experiment or '-'.join([datetime.datetime.now().strftime('%Y%m%d-%H%M%S'),
-                                            args.model.replace('/', '_'),
-                                            (args.teacher or 'noteacher').replace('/', '_'), args.distiller])
-        run_dir = os.path.join(output_base, name)
-        if args.resume == 'auto':
-            resume_path, resume_ckpt = find_resume_checkpoint(run_dir)
-            if resume_path is None:
-                _logger.info(f'--resume auto: no valid checkpoint in {run_dir}, starting a new run')
-        elif os.path.isdir(run_dir) and os.listdir(run_dir) and not args.overwrite:
-            raise UsageError(f'run folder {run_dir!r} already exists; pick another --experiment, continue it '
-                             f'with --resume auto, or pass --overwrite')
+    # rank 0 decides (the default name has a time stamp; the folder check must not race its creation)
+    decision = [_decide_run_folder(args) if is_primary(args) else None]
+    if args.distributed:
+        dist.broadcast_object_list(decision, src=0)
+    run_dir, resume_path, refusal = decision[0]
+    if refusal:
+        raise UsageError(refusal)
+    resume_ckpt = load_checkpoint_file(resume_path) if resume_path else None
     # ------------------------------------------------------------------ student
     student_kwargs = parse_kwargs(args.model_kwargs, '--model-kwargs')
     if args.num_classes is None and (args.dataset or '').lower() == 'synthetic':
@@ -704,14 +759,22 @@ def main(argv=None):
 
     dataset_args = argparse.Namespace(**vars(args))
     dataset_args.input_size = input_size
+    if args.distributed and args.dataset_download and not is_primary(args):
+        dist.barrier()  # rank 0 downloads first
     dataset_train, dataset_eval, dataset_classes = create_datasets(dataset_args)
+    if args.distributed and args.dataset_download and is_primary(args):
+        dist.barrier()
     if args.num_classes is None:
         args.num_classes = dataset_classes
     elif dataset_classes and args.num_classes != dataset_classes:
         raise UsageError(f'--num-classes {args.num_classes} differs from the {dataset_classes} classes of the '
                          f'dataset; drop --num-classes or fix it')
 
-    student = create_model_at_size(args.model, input_size, num_classes=args.num_classes, **student_probe_args)
+    try:
+        student = create_model_at_size(args.model, input_size, num_classes=args.num_classes, **student_probe_args)
+    except TypeError as e:
+        raise UsageError(f'student {args.model!r} does not take these arguments ({e}); check --model-kwargs, '
+                         f'--drop-path and --gp') from None
     if args.initial_checkpoint:
         load_model_weights(student, args.initial_checkpoint, who='student')
     if args.grad_checkpointing:
@@ -724,7 +787,8 @@ def main(argv=None):
         if not args.teacher:
             raise UsageError(f'distiller {args.distiller!r} needs a teacher; pass --teacher NAME '
                              f'(and --teacher-checkpoint FILE)')
-        teacher, teacher_identity = build_teacher(args, args.num_classes, input_size)
+        teacher, teacher_identity, teacher_norm = build_teacher(args, args.num_classes, input_size,
+                                                                data_config['mean'], data_config['std'])
     elif args.teacher and is_primary(args):
         _logger.info(f'distiller {args.distiller!r} uses no teacher; --teacher {args.teacher} is ignored')
 
@@ -738,13 +802,11 @@ def main(argv=None):
         train_loss_fn = nn.CrossEntropyLoss()
 
     distiller = distiller_cls(student, teacher, train_loss_fn, args, input_size)
-    if teacher is not None and teacher_identity['checkpoint'] == 'timm-pretrained':
-        # hub weights expect their own mean/std; a checkpoint file is taken to share the student's normalization
-        t_cfg = getattr(teacher, 'pretrained_cfg', {}) or {}
-        t_mean, t_std = t_cfg.get('mean', data_config['mean']), t_cfg.get('std', data_config['std'])
-        if tuple(t_mean) != tuple(data_config['mean']) or tuple(t_std) != tuple(data_config['std']):
-            _logger.warning(f'teacher mean/std {t_mean}/{t_std} differ from the student\'s; its input is '
-                            f're-normalized')
+    if teacher is not None:
+        t_mean, t_std = teacher_norm
+        if t_mean != tuple(data_config['mean']) or t_std != tuple(data_config['std']):
+            _logger.warning(f'the teacher expects mean {t_mean} / std {t_std}, the student {data_config["mean"]} / '
+                            f'{data_config["std"]}: the teacher\'s input is re-normalized')
         distiller.set_teacher_normalization(data_config['mean'], data_config['std'], t_mean, t_std)
 
     distiller.to(device)
@@ -783,7 +845,11 @@ def main(argv=None):
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
-    train_transform = build_train_transform(args, data_config)
+    try:
+        train_transform = build_train_transform(args, data_config)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise UsageError(f'the training augmentation cannot be built (--aa {args.aa!r}, --remode {args.remode!r}):'
+                         f' {e or type(e).__name__}') from None
     eval_transform = build_eval_transform(data_config)
     collate_fn = None
     mixup_fn = None
@@ -800,9 +866,12 @@ def main(argv=None):
                                      args.workers, args.rank, args.world_size, args.pin_mem)
     batches_per_epoch = loader_train.sampler.batches_per_epoch()
     updates_per_epoch = (batches_per_epoch + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+            updates_per_epoch=updates_per_epoch)
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f'the lr schedule cannot be built (--sched {args.sched!r}): {e}') from None
 
     # ------------------------------------------------------------------ resume
     start_epoch, start_batch, num_updates = 0, 0, 0
@@ -823,11 +892,22 @@ def main(argv=None):
             raise UsageError(f'resume checkpoint {resume_path!r} does not fit this run: '
                              f'{str(e).splitlines()[0][:200]}') from None
         if not args.no_resume_opt:
-            optimizer.load_state_dict(resume_ckpt['optimizer'])
-            if loss_scaler is not None and resume_ckpt.get('scaler') is not None:
-                loss_scaler.load_state_dict(resume_ckpt['scaler'])
-        if model_ema is not None and resume_ckpt.get('state_dict_ema') is not None:
-            model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
+            saved_opt = (resume_ckpt.get('args') or {}).get('opt', args.opt)
+            if saved_opt != args.opt:
+                raise UsageError(f'resume checkpoint {resume_path!r} was written with optimizer {saved_opt!r}, '
+                                 f'but this run uses {args.opt!r}; pass --no-resume-opt to start a fresh optimizer')
+            try:
+                optimizer.load_state_dict(resume_ckpt['optimizer'])
+                if loss_scaler is not None and resume_ckpt.get('scaler') is not None:
+                    loss_scaler.load_state_dict(resume_ckpt['scaler'])
+            except (KeyError, ValueError) as e:
+                raise UsageError(f'the optimizer state of {resume_path!r} does not fit this run ({e}); pass '
+                                 f'--no-resume-opt to start a fresh optimizer') from None
+        if model_ema is not None:
+            if resume_ckpt.get('state_dict_ema') is not None:
+                model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
+            else:  # the checkpoint had no EMA: start it from the resumed weights, not from the initialization
+                model_ema.set(distiller.student)
         num_updates = resume_ckpt.get('step', 0)
         best_metric, best_epoch = resume_ckpt.get('best_metric'), resume_ckpt.get('best_epoch')
         if resume_ckpt.get('batch_idx', -1) >= 0:  # a mid-epoch recovery checkpoint
@@ -844,6 +924,10 @@ def main(argv=None):
                          f'update {num_updates}')
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
+        if resume_ckpt is None:
+            num_updates = start_epoch * updates_per_epoch
+    if resume_ckpt is not None and resume_ckpt.get('scheduler'):
+        lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
     lr_scheduler.step(start_epoch)
     if args.sched_on_updates or num_updates:
         lr_scheduler.step_update(num_updates=num_updates)
@@ -871,12 +955,17 @@ def main(argv=None):
             os.remove(probe)
         except OSError as e:
             raise UsageError(f'output folder {run_dir!r} cannot be written ({e.strerror})') from None
-        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        if resume_ckpt is None and os.path.exists(summary_path):
-            os.remove(summary_path)  # --overwrite: a new run starts a new summary
+        if resume_ckpt is None and args.overwrite:  # a new run starts from an empty folder
+            for name in ('checkpoint', 'tb', 'summary.csv', 'log.txt', 'args.yaml'):
+                path = os.path.join(run_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         elif resume_ckpt is not None and os.path.exists(summary_path):
             _truncate_summary(summary_path, start_epoch)
+        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
         logging.getLogger().addHandler(_file_handler(os.path.join(run_dir, 'log.txt')))
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=os.path.join(run_dir, 'tb'))
@@ -954,14 +1043,12 @@ def main(argv=None):
                 eval_metrics = validate(distiller.student, loader_eval, args, device, amp_autocast)
                 if model_ema is not None:
                     ema_metrics = validate(model_ema.module, loader_eval, args, device, amp_autocast, ' (EMA)')
-                    eval_metrics['top1_ema'] = ema_metrics['top1']
-                    eval_metrics['top5_ema'] = ema_metrics['top5']
+                    eval_metrics.update((f'{k}_ema', v) for k, v in ema_metrics.items())
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
             metric = None
             if eval_metrics is not None:
-                metric = eval_metrics[args.eval_metric]
-                if model_ema is not None and args.eval_metric != 'loss':
-                    metric = max(metric, eval_metrics[f'{args.eval_metric}_ema'])
+                # with an EMA, the EMA weights are the model (as in timm): they pick the best checkpoint
+                metric = eval_metrics[f'{args.eval_metric}_ema' if model_ema is not None else args.eval_metric]
                 if checkpoints.better(metric, best_metric):
                     best_metric, best_epoch = metric, epoch
             state.update(batch_idx=0, loss_sums={}, samples=0)
@@ -1049,13 +1136,6 @@ def _truncate_summary(path, start_epoch):
 _fresh_run = {}
 
 
-def _user_message(error):
-    text = str(error)
-    if 'Original Traceback' in text:  # raised in a DataLoader worker: the last line holds the message
-        text = text.strip().splitlines()[-1].split(': ', 1)[-1]
-    return text
-
-
 def _remove_fresh_run_dir():
     """A new run that fails on bad input before writing any checkpoint leaves no folder behind."""
     run_dir = _fresh_run.get('dir')
@@ -1071,7 +1151,7 @@ def run():
         if debug:
             raise
         _remove_fresh_run_dir()
-        print(f'train.py: error: {_user_message(e)}', file=sys.stderr)
+        print(f'train.py: error: {user_message(e)}', file=sys.stderr)
         code = 2
     if dist.is_available() and dist.is_initialized():
         with suppress(Exception):

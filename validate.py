@@ -28,8 +28,9 @@ from timm.utils import accuracy
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 from data import DatasetError, create_eval_dataset
+from data.errors import user_message
 from data.loader import build_eval_transform, create_eval_loader
-from models.checkpoint import CheckpointError, load_checkpoint_file, select_state_dict
+from models.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights, select_state_dict
 from models.factory import ModelError, create_model_at_size
 
 _logger = logging.getLogger('validate')
@@ -112,10 +113,7 @@ def validate_one(args, checkpoint_path, device):
         kwargs['num_classes'] = num_classes
     model = create_model_at_size(model_name, img_size, **kwargs)
     if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f'checkpoint {checkpoint_path!r} does not fit {model_name}: missing keys '
-                                  f'{list(missing)[:6]}, unexpected keys {list(unexpected)[:6]}')
+        load_model_weights(model, checkpoint_path, use_ema=args.use_ema, who='model', checkpoint=ckpt)
     data_args = {k: v for k, v in vars(args).items() if k in ('crop_pct', 'mean', 'std', 'interpolation')}
     for key in ('mean', 'std', 'crop_pct', 'interpolation'):
         if not data_args.get(key) and saved_data.get(key) is not None:
@@ -207,7 +205,7 @@ def run():
     except (UsageError, DatasetError, CheckpointError, ModelError) as e:
         if '--debug' in sys.argv:
             raise
-        print(f'validate.py: error: {e}', file=sys.stderr)
+        print(f'validate.py: error: {user_message(e)}', file=sys.stderr)
         sys.exit(2)
 
 

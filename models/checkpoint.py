@@ -10,6 +10,7 @@ A run checkpoint (written by train.py) holds:
 """
 import hashlib
 import os
+import shutil
 from typing import Dict, Optional
 
 import torch
@@ -75,9 +76,12 @@ def select_state_dict(checkpoint: dict, use_ema: bool = False, path: str = '') -
                           f'state_dict_ema entry, or a bare state dict')
 
 
-def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, who: str = 'model'):
-    """Strictly load `path` into `model`; a mismatch names the missing and unexpected keys."""
-    state = select_state_dict(load_checkpoint_file(path), use_ema=use_ema, path=path)
+def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, who: str = 'model',
+                       checkpoint: Optional[dict] = None):
+    """Strictly load `path` (or its already loaded `checkpoint`) into `model`; a mismatch names the missing and
+    unexpected keys, or the class counts when only the classifier differs."""
+    state = select_state_dict(checkpoint if checkpoint is not None else load_checkpoint_file(path),
+                              use_ema=use_ema, path=path)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
@@ -123,11 +127,20 @@ def file_sha256(path: str, limit: Optional[int] = None) -> str:
 
 def atomic_save(obj, path: str):
     """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str, dst: str):
+    with open(src, 'rb') as source:
+        _atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 22))
+
+
+def _atomic_write(path: str, write):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

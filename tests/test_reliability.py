@@ -126,6 +126,17 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, uninterrupted):
     assert {p: p.stat().st_mtime_ns for p in uninterrupted.rglob('*')} == before
 
 
+def test_overwrite_starts_from_an_empty_folder(tmp_path, uninterrupted):
+    run_dir = tmp_path / 'full'
+    shutil.copytree(uninterrupted, run_dir)
+    proc = subprocess.run(train_cmd(tmp_path, 'full', '--overwrite', '--epochs', '1'), cwd=REPO, env=python_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / 'checkpoint').iterdir()) == [
+        'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert [int(r['epoch']) for r in read_summary(run_dir)] == [0]
+
+
 def test_non_finite_loss_stops_with_last_good_state(tmp_path):
     proc, run_dir = run_train(tmp_path, '--model', 'test_resnet', '--epochs', '2', '--opt', 'sgd', '--lr', '1e12',
                               '--warmup-epochs', '0', '--no-aug', check=False)
@@ -163,6 +174,12 @@ def files(tmp_path_factory):
             for i in range(4):
                 img.save(root / 'broken' / split / c / f'{i}.png')
     (root / 'broken' / 'train' / 'a' / '9.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    # a run with sgd, to resume with another optimizer (its checkpoint written as train.py writes it)
+    (root / 'sgd' / 'checkpoint').mkdir(parents=True)
+    torch.save({'arch': 'test_resnet', 'distiller': 'vanilla', 'epoch': 0, 'batch_idx': -1, 'step': 4,
+                'state_dict': teacher.state_dict(), 'distiller_state': {}, 'args': {'opt': 'sgd'},
+                'optimizer': torch.optim.SGD(teacher.parameters(), lr=0.1).state_dict()},
+               root / 'sgd' / 'checkpoint' / 'last.pth.tar')
     # a run of another model, to resume from
     other = root / 'other' / 'checkpoint'
     other.mkdir(parents=True)
@@ -201,6 +218,14 @@ BAD_INPUT = [
     ('output not writable', ['--output', '{root}/file'], 'cannot be written'),
     ('batch larger than dataset', ['--batch-size', '512'], 'fewer than one global batch of 512'),
     ('teacher hub weights offline', ['--distiller', 'kd', *T, '--teacher-pretrained'], 'cannot be had here'),
+    ('unknown scheduler', ['--sched', 'zigzag'], "the lr schedule cannot be built (--sched 'zigzag')"),
+    ('unknown augmentation policy', ['--aa', 'nonsense'], "the training augmentation cannot be built (--aa 'nonsense'"),
+    ('model kwargs the model does not take', ['--model-kwargs', 'wings=2'], 'does not take these arguments'),
+    ('model kwargs not YAML', ['--model-kwargs', 'depth=['], "--model-kwargs item 'depth=[' has a value that is not"),
+    ('odd batch with mixup', ['--mixup', '0.2', '--batch-size', '31'], '--batch-size must be even, not 31'),
+    ('gpu asked on a cpu machine', ['--device', 'cuda'], 'asks for a GPU, but none is available'),
+    ('resume with another optimizer', ['--resume', '{root}/sgd/checkpoint/last.pth.tar', '--opt', 'adamw'],
+     "was written with optimizer 'sgd', but this run uses 'adamw'"),
 ]
 
 
