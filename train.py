@@ -151,6 +151,8 @@ group = parser.add_argument_group('Optimizer parameters')
 group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='timm optimizer (default: sgd)')
 group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
 group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+group.add_argument('--opt-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='extra optimizer keyword arguments (values parsed as YAML)')
 group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum (default: 0.9)')
 group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
 group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients (default: off)')
@@ -205,6 +207,7 @@ group.add_argument('--mixup-mode', type=str, default='batch', help='how to apply
 group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn mixup off after this epoch')
 group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
 group.add_argument('--bce-loss', action='store_true', default=False, help='binary cross entropy task loss')
+group.add_argument('--bce-target-thresh', type=float, default=None, help='threshold that binarizes BCE targets')
 group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
 
 group = parser.add_argument_group('Model exponential moving average')
@@ -236,7 +239,13 @@ group.add_argument('--overwrite', action='store_true', default=False,
                    help='allow writing into an existing run folder (its files are replaced)')
 group.add_argument('--eval-metric', default='top1', type=str, choices=['top1', 'top5', 'loss'],
                    help='metric that picks the best checkpoint')
-group.add_argument('--eval-interval', type=int, default=1, metavar='N', help='evaluate every N epochs (and last)')
+group.add_argument('--eval-interval', type=int, default=1, metavar='N',
+                   help='evaluate when epoch %% N == 0, in the last part of training (--eval-interval-end) and at '
+                        'the last epoch (OFAKD\'s rule)')
+group.add_argument('--eval-interval-end', type=float, default=0.75, metavar='FRACTION',
+                   help='evaluate every epoch after this fraction of the epochs (default: 0.75)')
+group.add_argument('--speedtest', action='store_true', default=False,
+                   help='never evaluate (timing runs); last.pth.tar is still written every epoch')
 group.add_argument('--nan-check', action=argparse.BooleanOptionalAction, default=True,
                    help='stop at the first non-finite loss after saving the last good state (one sync per step)')
 group.add_argument('--debug', action='store_true', default=False, help='show tracebacks of user errors')
@@ -793,9 +802,10 @@ def main(argv=None):
         _logger.info(f'distiller {args.distiller!r} uses no teacher; --teacher {args.teacher} is ignored')
 
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
-        train_loss_fn = BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+        train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else SoftTargetCrossEntropy()
     elif args.bce_loss:
-        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing)
+        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
     elif args.smoothing:
         train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
@@ -826,6 +836,7 @@ def main(argv=None):
         lr_scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (scale ** 0.5 if lr_scale == 'sqrt' else scale)
     try:
+        args.opt_args = parse_kwargs(args.opt_kwargs, '--opt-kwargs') or None
         optimizer = create_optimizer_v2(distiller, **optimizer_kwargs(cfg=args))
     except (ValueError, AssertionError) as e:
         raise UsageError(f'optimizer {args.opt!r} cannot be built ({e})') from None
@@ -1039,7 +1050,8 @@ def main(argv=None):
                 return 0
             epoch_lr = optimizer.param_groups[0]['lr']  # the lr this epoch ran with, before the epoch step
             eval_metrics = None
-            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs:
+            if not args.speedtest and (epoch % args.eval_interval == 0 or epoch + 1 == num_epochs
+                                       or epoch > int(args.eval_interval_end * num_epochs)):
                 eval_metrics = validate(distiller.student, loader_eval, args, device, amp_autocast)
                 if model_ema is not None:
                     ema_metrics = validate(model_ema.module, loader_eval, args, device, amp_autocast, ' (EMA)')

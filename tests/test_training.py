@@ -294,3 +294,17 @@ def test_amp_bf16_channels_last_grad_accum_ema(tmp_path):
     assert ckpt['step'] == 2  # 128 images / 32 per batch = 4 batches = 2 updates
     assert ckpt['state_dict_ema'] is not None
     assert not torch.equal(ckpt['state_dict_ema']['fc.weight'], ckpt['state_dict']['fc.weight'])
+
+
+@pytest.mark.e2e
+def test_eval_interval_and_speedtest(tmp_path):
+    _, run_dir = run_train(tmp_path, '--model', 'test_resnet', '--epochs', '4', '--eval-interval', '2',
+                           '--eval-interval-end', '1.0', '--checkpoint-hist', '1', experiment='interval')
+    rows = read_summary(run_dir)
+    assert [bool(r['eval_top1']) for r in rows] == [True, False, True, True]  # epochs 0, 2 and the last
+    assert sorted(p.name for p in (run_dir / 'checkpoint').glob('checkpoint-*')) == [
+        f'checkpoint-{max((0, 2, 3), key=lambda e: (float(rows[e]["eval_top1"]), -e))}.pth.tar']
+    _, run_dir = run_train(tmp_path, '--model', 'test_resnet', '--epochs', '2', '--speedtest', experiment='speed')
+    rows = read_summary(run_dir)
+    assert len(rows) == 2 and 'eval_top1' not in rows[0]
+    assert sorted(p.name for p in (run_dir / 'checkpoint').iterdir()) == ['last.pth.tar']
