@@ -72,6 +72,9 @@ _logger = logging.getLogger('benchmark')
 # families, for which pair a method is run on in `results`; a method missing here counts as a feature method
 LOGIT_METHODS = ('kd', 'dkd', 'wsld', 'nkd', 'dist')
 TEACHER_FREE_METHODS = ('uskd',)
+# the results table's CNN pair student (its teacher is configs/demo/teacher.yaml's); student epochs of --quick
+CNN_PAIR_STUDENT = 'test_efficientnet'
+QUICK_EPOCHS = 4
 
 
 def build_parser():
@@ -141,9 +144,11 @@ def build_parser():
     group.add_argument('--epochs', type=int, default=None, metavar='N', help='student epochs (default: the config\'s)')
     group.add_argument('--teacher-epochs', type=int, default=None, metavar='N',
                        help='teacher epochs (default: the config\'s)')
-    group.add_argument('--student', default=None, metavar='MODEL', help='student of both pairs (default: config)')
-    group.add_argument('--cnn-teacher', default=None, metavar='MODEL', help='teacher of the CNN pair')
-    group.add_argument('--vit-teacher', default=None, metavar='MODEL', help='teacher of the heterogeneous pair')
+    group.add_argument('--cnn-pair', nargs=2, default=None, metavar=('TEACHER', 'STUDENT'),
+                       help=f'models of the CNN pair (default: configs/demo/teacher.yaml\'s -> {CNN_PAIR_STUDENT})')
+    group.add_argument('--hetero-pair', nargs=2, default=None, metavar=('TEACHER', 'STUDENT'),
+                       help='models of the heterogeneous pair (default: configs/demo/teacher.yaml\'s -> '
+                            'configs/demo/ufd.yaml\'s)')
     group.add_argument('--pairs', nargs='+', default=None, choices=['cnn', 'hetero'],
                        help='pairs to run (default: both; --demo: hetero)')
     group.add_argument('--jobs', type=int, default=None, metavar='N',
@@ -833,38 +838,52 @@ def load_yaml(path):
         return yaml.safe_load(f) or {}
 
 
+class Pair:
+    """A teacher -> student pair of the table; models are (timm name, list of --model-kwargs K=V)."""
+
+    def __init__(self, name, teacher, student):
+        self.name, self.teacher, self.student = name, teacher, student
+
+    @property
+    def label(self):
+        return f'{self.teacher[0]} -> {self.student[0]}'
+
+
+def model_spec(cfg, key='model', kwargs_key='model_kwargs'):
+    return cfg[key], [str(kv) for kv in cfg.get(kwargs_key) or []]
+
+
 def results_plan(args):
-    """Pairs, methods, seeds and epochs of the table."""
-    teacher_cfg, student_cfg = load_yaml(DEMO_DIR / 'teacher.yaml'), load_yaml(DEMO_DIR / 'vanilla.yaml')
-    ufd_cfg = load_yaml(DEMO_DIR / 'ufd.yaml')
-    student = args.student or student_cfg['model']
-    # a pair is (teacher, its --model-kwargs); the heterogeneous one is the demo's teacher
-    hetero = (args.vit_teacher, []) if args.vit_teacher else \
-        (teacher_cfg['model'], [str(kv) for kv in teacher_cfg.get('model_kwargs') or []])
-    pairs = OrderedDict(cnn=(args.cnn_teacher or CNN_PAIR_TEACHER, []), hetero=hetero)
+    """Pairs, methods, seeds and epochs of the table.
+
+    The recipe is configs/demo/: teacher.yaml trains the teacher, vanilla.yaml every student (the distiller, the
+    student and the teacher are set on the command line), ufd.yaml is the demo's distilled student. The
+    heterogeneous pair is the demo's (teacher.yaml's teacher -> ufd.yaml's student); the CNN pair shares the
+    teacher and has the CNN student named below.
+    """
+    teacher_cfg, ufd_cfg = load_yaml(DEMO_DIR / 'teacher.yaml'), load_yaml(DEMO_DIR / 'ufd.yaml')
+    student_cfg = load_yaml(DEMO_DIR / 'vanilla.yaml')
+    teacher = model_spec(teacher_cfg)
+    pairs = OrderedDict(
+        cnn=Pair('cnn', (args.cnn_pair[0], []) if args.cnn_pair else teacher,
+                 (args.cnn_pair[1], []) if args.cnn_pair else (CNN_PAIR_STUDENT, [])),
+        hetero=Pair('hetero', (args.hetero_pair[0], []) if args.hetero_pair else teacher,
+                    (args.hetero_pair[1], []) if args.hetero_pair else model_spec(ufd_cfg)))
     selected = args.pairs or (['hetero'] if args.demo else ['cnn', 'hetero'])
     pairs = OrderedDict((k, v) for k, v in pairs.items() if k in selected)
-    if args.demo:
-        methods = args.methods or ['ufd']
-    else:
-        methods = args.methods or [m for m in DISTILLERS if m != 'vanilla']
+    methods = args.methods or (['ufd'] if args.demo else [m for m in DISTILLERS if m != 'vanilla'])
     unknown = [m for m in methods if m not in DISTILLERS]
     if unknown:
         raise SystemExit(f'benchmark.py: error: unknown method(s) {", ".join(unknown)}')
     seeds = args.seeds or (1 if (args.quick or args.demo) else 3)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else int(student_cfg['epochs']))
-    teacher_epochs = args.teacher_epochs or (QUICK_TEACHER_EPOCHS if args.quick else int(teacher_cfg['epochs']))
-    return student, pairs, [m for m in methods if m != 'vanilla'], seeds, epochs, teacher_epochs
+    teacher_epochs = args.teacher_epochs or int(teacher_cfg['epochs'])
+    return pairs, [m for m in methods if m != 'vanilla'], seeds, epochs, teacher_epochs
 
-
-# the CNN pair's teacher (the heterogeneous pair's is configs/demo/ufd.yaml's); quick-mode epochs
-CNN_PAIR_TEACHER = 'test_convnext'
-QUICK_EPOCHS = 4
-QUICK_TEACHER_EPOCHS = 6
 
 
 def bench_results(args):
-    student, pairs, methods, seeds, epochs, teacher_epochs = results_plan(args)
+    pairs, methods, seeds, epochs, teacher_epochs = results_plan(args)
     output = Path(args.output or REPO / 'output' / ('demo' if args.demo else 'results'))
     output.mkdir(parents=True, exist_ok=True)
     data = []
@@ -886,55 +905,66 @@ def bench_results(args):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for run in pool.map(lambda r: r.run(threads, args.rerun), runs):
                 top1 = f'{run.top1:.2f}' if run.top1 is not None else '-'
-                print(f'  {run.key:<28s} top-1 {top1:>6s}  wall {run.wall_s or 0:6.1f} s  CPU {run.cpu_s or 0:6.1f} s  '
+                print(f'  {run.key:<34s} top-1 {top1:>6s}  wall {run.wall_s or 0:6.1f} s  CPU {run.cpu_s or 0:6.1f} s  '
                       f'{run.status}', flush=True)
 
-    # 1. teachers, once per pair
+    def slug(spec):
+        return '_'.join([spec[0]] + [kv.replace('=', '') for kv in spec[1]])
+
+    # 1. every distinct teacher, once, with seed 0
     teachers = OrderedDict()
-    for pair, (teacher, teacher_kwargs) in pairs.items():
-        argv = ['-c', str(DEMO_DIR / 'teacher.yaml'), '--model', teacher, '--model-kwargs', *teacher_kwargs,
-                '--epochs', str(teacher_epochs),
-                '--seed', '0', *data, *extra, '--output', str(output / pair), '--experiment', 'teacher',
-                '--overwrite']
-        teachers[pair] = TrainRun(f'{pair}: teacher {teacher}', output / pair / 'teacher', argv, teacher_epochs)
-    print(f'Results table: student {student}, teachers {[t for t, _ in pairs.values()]}, methods {methods}, {seeds} seed(s), '
-          f'{epochs} student epochs, {teacher_epochs} teacher epochs, {jobs} job(s) x {threads} thread(s)',
-          flush=True)
+    for pair in pairs.values():
+        if tuple(map(tuple, pair.teacher)) in teachers:
+            continue
+        run_dir = output / 'teachers' / slug(pair.teacher)
+        argv = ['-c', str(DEMO_DIR / 'teacher.yaml'), '--model', pair.teacher[0], '--model-kwargs', *pair.teacher[1],
+                '--epochs', str(teacher_epochs), '--seed', '0', *data, *extra,
+                '--output', str(run_dir.parent), '--experiment', run_dir.name, '--overwrite']
+        teachers[tuple(map(tuple, pair.teacher))] = TrainRun(f'teacher {pair.teacher[0]}', run_dir, argv,
+                                                             teacher_epochs)
+    print(f'Results table: pairs {", ".join(p.label for p in pairs.values())}; methods {" ".join(methods)}; '
+          f'{seeds} seed(s); {epochs} student epochs, {teacher_epochs} teacher epochs; {jobs} job(s) x {threads} '
+          f'thread(s)', flush=True)
     execute(list(teachers.values()))
 
-    # 2. students: vanilla and uskd once (no teacher), the others per pair
-    runs = []
-
-    def student_run(key, run_dir, method, teacher=None, checkpoint=None, seed=0, teacher_kwargs=()):
-        argv = ['-c', str(DEMO_DIR / 'vanilla.yaml'), '--model', student, '--distiller', method,
-                '--epochs', str(epochs), '--seed', str(seed), *data, *extra]
-        if teacher is not None:
-            argv += ['--teacher', teacher, '--teacher-kwargs', *teacher_kwargs, '--teacher-checkpoint', str(checkpoint)]
+    # 2. students. Vanilla once per student; teacher-free methods on the first pair's student; logit methods on the
+    # CNN pair (they see only logits, so the teacher's architecture does not change what they do); the others on
+    # every pair
+    def student_run(method, student, seed, pair=None):
+        run_dir = output / (pair.name if pair is not None else 'no_teacher') / f'{method}_{slug(student)}_s{seed}'
+        argv = ['-c', str(DEMO_DIR / 'vanilla.yaml'), '--model', student[0], '--model-kwargs', *student[1],
+                '--distiller', method, '--epochs', str(epochs), '--seed', str(seed), *data, *extra]
+        if pair is not None:
+            teacher_run = teachers[tuple(map(tuple, pair.teacher))]
+            argv += ['--teacher', pair.teacher[0], '--teacher-kwargs', *pair.teacher[1],
+                     '--teacher-checkpoint', str(teacher_run.run_dir / 'checkpoint' / 'last.pth.tar')]
         argv += ['--output', str(run_dir.parent), '--experiment', run_dir.name, '--overwrite']
+        key = f'{pair.name if pair else "-"}: {method} {student[0]} s{seed}'
         return TrainRun(key, run_dir, argv, epochs)
 
-    table = OrderedDict()  # (method, pair label) -> list of runs
+    table = OrderedDict()  # (method, pair label, student) -> runs over seeds
+    first = next(iter(pairs.values()))
+    students = list(OrderedDict((tuple(map(tuple, p.student)), p.student) for p in pairs.values()).values())
     for seed in range(seeds):
-        table.setdefault(('vanilla', f'- -> {student}'), []).append(
-            student_run(f'vanilla s{seed}', output / 'student' / f'vanilla_s{seed}', 'vanilla', seed=seed))
+        for student in students:
+            table.setdefault(('vanilla', f'- -> {student[0]}', student[0]), []).append(
+                student_run('vanilla', student, seed))
         for method in methods:
             if method in TEACHER_FREE_METHODS or not DISTILLERS[method].needs_teacher:
-                table.setdefault((method, f'- -> {student}'), []).append(
-                    student_run(f'{method} s{seed}', output / 'student' / f'{method}_s{seed}', method, seed=seed))
+                table.setdefault((method, f'- -> {first.student[0]}', first.student[0]), []).append(
+                    student_run(method, first.student, seed))
                 continue
-            for pair, (teacher, teacher_kwargs) in pairs.items():
-                if method in LOGIT_METHODS and pair != 'cnn' and 'cnn' in pairs:
-                    continue  # logit methods do not depend on the teacher's architecture: one pair is enough
-                if teachers[pair].status != 'ok':
+            for pair in pairs.values():
+                if method in LOGIT_METHODS and pair.name != 'cnn' and 'cnn' in pairs:
                     continue
-                ckpt = teachers[pair].run_dir / 'checkpoint' / 'last.pth.tar'
-                table.setdefault((method, f'{teacher} -> {student}'), []).append(
-                    student_run(f'{pair}: {method} s{seed}', output / pair / f'{method}_s{seed}', method, teacher, ckpt,
-                                seed, teacher_kwargs))
+                if teachers[tuple(map(tuple, pair.teacher))].status != 'ok':
+                    continue
+                table.setdefault((method, pair.label, pair.student[0]), []).append(
+                    student_run(method, pair.student, seed, pair))
     all_runs = [r for rs in table.values() for r in rs]
     execute(all_runs)
 
-    rows = results_rows(teachers, pairs, student, table)
+    rows = results_rows(teachers, table)
     total = time.time() - started
     machine = machine_description(torch.device('cpu'))
     text = results_markdown(rows, list(teachers.values()) + all_runs, args, epochs, teacher_epochs, seeds, jobs,
@@ -953,29 +983,31 @@ def _mean(values, digits=1):
     return round(statistics.mean(values), digits) if values else None
 
 
-def results_rows(teachers, pairs, student, table):
+def results_rows(teachers, table):
+    """One row per teacher and per (method, pair); the gain is over the vanilla run of the same student."""
     rows = []
-    for pair, run in teachers.items():
-        rows.append(OrderedDict(method='teacher', pair=f'{pairs[pair][0]} (teacher)', runs=int(run.top1 is not None),
+    for (name, _), run in teachers.items():
+        rows.append(OrderedDict(method='teacher', pair=f'{name} (teacher)', runs=int(run.top1 is not None),
                                 top1_mean=run.top1, top1_std=None, gain=None, best_top1_mean=run.best_top1,
                                 wall_s=_mean([run.wall_s]), cpu_s=_mean([run.cpu_s]), status=run.status))
-    vanilla = None
-    for (method, label), runs in table.items():
+    vanilla = {}
+    for (method, label, student), runs in table.items():
         ok = [r for r in runs if r.status == 'ok']
         top1 = [r.top1 for r in ok]
         mean = statistics.mean(top1) if top1 else None
         std = statistics.stdev(top1) if len(top1) > 1 else None
         if method == 'vanilla':
-            vanilla = mean
+            vanilla[student] = mean
         status = 'ok' if len(ok) == len(runs) else next(r.status for r in runs if r.status != 'ok')
         rows.append(OrderedDict(
             method=method, pair=label, runs=len(ok), top1_mean=round(mean, 2) if mean is not None else None,
             top1_std=round(std, 2) if std is not None else None, gain=None,
             best_top1_mean=_mean([r.best_top1 for r in ok], 2), wall_s=_mean([r.wall_s for r in ok]),
-            cpu_s=_mean([r.cpu_s for r in ok]), status=status))
+            cpu_s=_mean([r.cpu_s for r in ok]), status=status, student=student))
     for row in rows:
-        if row['method'] != 'teacher' and row['top1_mean'] is not None and vanilla is not None:
-            row['gain'] = round(row['top1_mean'] - vanilla, 2)
+        base = vanilla.get(row.pop('student', None))
+        if row['method'] != 'teacher' and row['top1_mean'] is not None and base is not None:
+            row['gain'] = round(row['top1_mean'] - base, 2)
     return rows
 
 

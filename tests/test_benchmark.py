@@ -98,16 +98,20 @@ def test_results_rows_means_gains_and_failures():
         r = benchmark.TrainRun('k', '/nonexistent', [], 1)
         r.status, r.top1, r.best_top1, r.wall_s = status, top1, top1, wall
         return r
-    teachers = {'cnn': run(90.0)}
-    table = {('vanilla', '- -> s'): [run(50.0), run(54.0)], ('kd', 't -> s'): [run(60.0), run(61.0)],
-             ('ufd', 't -> s'): [run(None, 'not implemented')]}
-    rows = benchmark.results_rows(teachers, {'cnn': ('t', [])}, 's', table)
-    by = {r['method']: r for r in rows}
-    assert by['teacher']['top1_mean'] == 90.0 and by['teacher']['gain'] is None
-    assert by['vanilla']['top1_mean'] == 52.0 and by['vanilla']['gain'] == 0.0
-    assert by['vanilla']['top1_std'] == pytest.approx(math.sqrt(8), abs=0.01)
-    assert by['kd']['gain'] == pytest.approx(60.5 - 52.0)
-    assert by['ufd']['top1_mean'] is None and by['ufd']['status'] == 'not implemented'
+    teachers = {('t', ()): run(90.0)}
+    table = {('vanilla', '- -> s', 's'): [run(50.0), run(54.0)], ('kd', 't -> s', 's'): [run(60.0), run(61.0)],
+             ('ufd', 't -> s', 's'): [run(None, 'not implemented')], ('vanilla', '- -> v', 'v'): [run(70.0)],
+             ('ufd', 't -> v', 'v'): [run(75.0)]}
+    rows = benchmark.results_rows(teachers, table)
+    assert [r['method'] for r in rows] == ['teacher', 'vanilla', 'kd', 'ufd', 'vanilla', 'ufd']
+    assert rows[-1]['gain'] == 5.0 and rows[-2]['gain'] == 0.0  # over the vanilla run of the same student
+    teacher, vanilla, kd, ufd = rows[:4]
+    assert teacher['top1_mean'] == 90.0 and teacher['gain'] is None
+    assert vanilla['top1_mean'] == 52.0 and vanilla['gain'] == 0.0
+    assert vanilla['top1_std'] == pytest.approx(math.sqrt(8), abs=0.01)
+    assert kd['gain'] == pytest.approx(60.5 - 52.0) and kd['top1_std'] == pytest.approx(math.sqrt(0.5), abs=0.01)
+    assert ufd['top1_mean'] is None and ufd['gain'] is None and ufd['status'] == 'not implemented'
+    assert rows[-1]['top1_std'] is None  # one seed: no spread
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -155,7 +159,7 @@ def test_ufd_loss_bench(tmp_path):
 def test_results_quick_two_methods(tmp_path):
     out = tmp_path / 'table.csv'
     proc = run_script('benchmark.py', '--bench', 'results', '--quick', '--methods', 'kd', 'uskd', '--pairs', 'cnn',
-                      '--student', 'test_resnet', '--cnn-teacher', 'test_resnet', '--epochs', '1',
+                      '--cnn-pair', 'test_resnet', 'test_resnet', '--epochs', '1',
                       '--teacher-epochs', '1', '--jobs', '2', '--output', tmp_path / 'runs', '--results-file', out,
                       '--train-args', '--synthetic-train-size 64 --synthetic-val-size 32 --img-size 32 '
                       '--batch-size 16 --synthetic-classes 4', timeout=900)
