@@ -937,7 +937,9 @@ def main(argv=None):
         start_epoch = args.start_epoch
         if resume_ckpt is None:
             num_updates = start_epoch * updates_per_epoch
-    if resume_ckpt is not None and resume_ckpt.get('scheduler'):
+    if resume_ckpt is not None and resume_ckpt.get('scheduler') and args.sched == 'plateau':
+        # a plateau schedule carries state (best metric, bad epochs); the others are functions of the step,
+        # and their saved state would also carry the old --epochs, which a resume may extend
         lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
     lr_scheduler.step(start_epoch)
     if args.sched_on_updates or num_updates:

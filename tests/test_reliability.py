@@ -292,3 +292,22 @@ def test_a_dead_rank_does_not_hang_the_others(tmp_path):
         pytest.fail('the surviving rank hung after its peer died')
     assert proc.returncode != 0
     assert time.time() - start < 120
+
+
+@pytest.mark.parametrize('distiller', ['ufd', 'ofa'])
+def test_projector_state_is_restored_by_resume(tmp_path, distiller):
+    common = ['--model', 'test_resnet', '--teacher', 'test_vit', '--distiller', distiller, '--batch-size', '16',
+              '--synthetic-train-size', '64', '--synthetic-val-size', '32', '--opt', 'adamw', '--lr', '1e-3',
+              '--warmup-epochs', '0', '--deterministic']
+    if distiller == 'ofa':
+        common += ['--ofa-stage', '3', '4']
+    run_train(tmp_path, *common, '--epochs', '2', experiment='straight')
+    run_train(tmp_path, *common, '--epochs', '1', experiment='halves')
+    proc, _ = run_train(tmp_path, *common, '--epochs', '2', '--resume',
+                        tmp_path / 'halves' / 'checkpoint' / 'last.pth.tar', experiment='halves', synthetic=True)
+    assert 'Resumed from' in proc.stdout
+    a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'halves')
+    assert a['distiller_state'] and a['distiller_state'].keys() == b['distiller_state'].keys()
+    for key in ('state_dict', 'distiller_state'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
