@@ -33,6 +33,10 @@ In the tradition of timm's benchmark.py. Three modes (`--bench`):
 Ratios reported by `train`:
 - `overhead` = distill_step / (student_step + teacher_forward): 1.00 means distillation costs nothing beyond
   running the teacher; above it is the method's own cost (loss math, projectors, extra feature taps).
+- `net` = distill_step / (student_step + teacher_forward + own modules), the method's own modules (projectors,
+  generators, heads; their forward FLOPs counted by FlopCounterMode) priced at the student's measured time per
+  FLOP. For logit methods it equals `overhead`; for feature methods it is the overhead beyond their modules'
+  arithmetic.
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
 """
 import argparse
@@ -42,6 +46,7 @@ import csv
 import ctypes
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -102,10 +107,11 @@ def build_parser():
                        help='torch.compile every variant with this backend (default when given: inductor)')
     group.add_argument('--num-warm-iter', type=int, default=3, metavar='N',
                        help='untimed steps per variant before timing (default: 3)')
-    group.add_argument('--num-bench-iter', type=int, default=12, metavar='N',
-                       help='timed steps per variant, spread over --rounds (default: 12)')
-    group.add_argument('--rounds', type=int, default=4, metavar='N',
-                       help='round-robin rounds over the variants; the median over rounds is reported (default: 4)')
+    group.add_argument('--num-bench-iter', type=int, default=10, metavar='N',
+                       help='timed steps per variant, spread over --rounds (default: 10)')
+    group.add_argument('--rounds', type=int, default=None, metavar='N',
+                       help='round-robin rounds over the variants, the median over rounds is reported (default: '
+                            '--num-bench-iter, one step per variant per round: the finest interleaving)')
     group.add_argument('--device', default=None, help='cpu, cuda, cuda:1 (default: cuda if available)')
     group.add_argument('--opt', default='sgd', help='timm optimizer of every variant (default: sgd, as train.py)')
     group.add_argument('--lr', type=float, default=1e-4, help='learning rate; does not affect speed (default: 1e-4)')
@@ -174,14 +180,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def machine_description(device):
+def machine_description(device, threads=True):
     cpu = platform.processor() or 'unknown CPU'
     with contextlib.suppress(OSError):
         with open('/proc/cpuinfo') as f:
             names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
         if names:
             cpu = names[0]
-    text = f'{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads'
+    text = f'{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}'
+    if threads:
+        text += f', {torch.get_num_threads()} threads'
     if device.type == 'cuda':
         text = f'{torch.cuda.get_device_name(device)}; host {text}'
     with contextlib.suppress(OSError):
@@ -603,13 +611,26 @@ def bench_train(args):
         student_g = flops.get('student')
         teacher_g = (flops.get(info['requests']) if info['requests'] else 0) if flops else None
         total_g = flops.get(name)
-        own_g = None
+        own_g = net = None
         if None not in (student_g, teacher_g, total_g):
             own_g = max(total_g - student_g - teacher_g, 0)
+            # the method's own modules priced at the student's measured time per FLOP (forward and backward
+            # scale alike): what is left above 1 is overhead beyond the modules' arithmetic
+            net = median(v) / (student_ms + teacher_ms + student_ms * own_g / student_g) if student_g else None
+        # the same ratios paired round by round (every variant ran in every round, close in time): their spread
+        # says how much the machine drifted during the measurement
+        teacher_rounds = teacher_variants[info['requests']][0].round_ms if info['requests'] \
+            else [0.0] * len(v.round_ms)
+        paired = [d / (s + t) for d, s, t in zip(v.round_ms, student_variant.round_ms, teacher_rounds)]
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
                    teacher_fwd_inference_mode_ms=round(teacher_im_ms, 3) if teacher_im_ms is not None else None,
                    overhead=round(median(v) / (student_ms + teacher_ms), 3),
+                   overhead_paired_median=round(statistics.median(paired), 3),
+                   overhead_paired_min=round(min(paired), 3), overhead_paired_max=round(max(paired), 3),
+                   overhead_net=round(net, 3) if net is not None else None,
                    vs_timm=round(median(v) / peer_ms, 3) if (peer_ms and name == 'kd') else None,
+                   vs_timm_paired_median=round(statistics.median(
+                       d / p for d, p in zip(v.round_ms, peer.round_ms)), 3) if (peer_ms and name == 'kd') else None,
                    extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
                    student_gflops_per_img=gflops(student_g), teacher_gflops_per_img=gflops(teacher_g),
                    distiller_gflops_per_img=gflops(own_g), teacher_calls=len(info['requests']),
@@ -630,29 +651,38 @@ def describe_request(request):
     return 'logits+' + ','.join(parts) if parts else 'logits'
 
 
+def overhead_text(row):
+    if row.get('overhead') is None:
+        return '-'
+    return (f'{row["overhead"]:.3f} ({row["overhead_paired_min"]:.2f}-{row["overhead_paired_max"]:.2f})'
+            if row.get('overhead_paired_min') is not None else f'{row["overhead"]:.3f}')
+
+
 def print_train_rows(rows, machine):
     print(f'\nMachine: {machine}')
     first = next((r for r in rows if 'step_ms' in r), rows[0])
     print(f'Student {first["model"]}, teacher {first["teacher"] or "-"}, batch {first["batch_size"]} at '
           f'{first["img_size"]}px, amp {first["amp"]}, channels_last {first["channels_last"]}, '
           f'compile {first["compile"]}\n')
-    header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'vs timm', 'peak MB', 'extra M params',
-              'GFLOPs/img s/t/own', 'status']
+    header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'net', 'vs timm', 'peak MB',
+              'extra M params', 'GFLOPs/img s/t/own', 'status']
     table = []
     for r in rows:
         if 'step_ms' not in r:
-            table.append([r['variant']] + ['-'] * 8 + [r['status']])
+            table.append([r['variant']] + ['-'] * 9 + [r['status']])
             continue
         g = '/'.join(fmt_num(r.get(k), '.3f') for k in ('student_gflops_per_img', 'teacher_gflops_per_img',
                                                           'distiller_gflops_per_img'))
         table.append([r['variant'], fmt_num(r['step_ms'], '.1f'), fmt_num(r['samples_per_sec'], '.1f'),
-                      fmt_num(r.get('teacher_fwd_ms'), '.1f'), fmt_num(r.get('overhead'), '.3f'),
-                      fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'], fmt_num(r.get('extra_params_m'), '.3f'),
-                      g, r['status']])
+                      fmt_num(r.get('teacher_fwd_ms'), '.1f'), overhead_text(r),
+                      fmt_num(r.get('overhead_net'), '.3f'), fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'],
+                      fmt_num(r.get('extra_params_m'), '.3f'), g, r['status']])
     print(markdown_table(header, table))
-    print('\noverhead = distill step / (student step + teacher forward); vs timm = kd step / timm '
+    print('\noverhead = distill step / (student step + teacher forward), of the medians over rounds (in brackets: '
+          'the range of the same ratio taken round by round). net = the same with the method\'s own '
+          'modules added to the denominator at the student\'s measured time per FLOP. vs timm = kd step / timm '
           'LogitDistillationTask step. teacher:<request>@inference_mode: the same teacher forward under '
-          'torch.inference_mode instead of no_grad.')
+          'torch.inference_mode instead of no_grad. Peak memory: above what was allocated before the step.')
 
 
 # ==================================================================================================== ufd-loss bench
@@ -730,6 +760,8 @@ def bench_ufd_loss(args):
                     fn()
             return run
 
+        if args.torchcompile:
+            closed, literal = (torch.compile(fn, backend=args.torchcompile) for fn in (closed, literal))
         with torch.no_grad():
             a, b = closed(), literal()
         rel = [abs(x.item() - y.item()) / max(abs(y.item()), 1e-30) for x, y in zip(a, b)]
@@ -741,7 +773,8 @@ def bench_ufd_loss(args):
         for mode in ('fwd', 'fwd_bwd'):
             rows.append(OrderedDict(
                 bench='ufd-loss', mode=mode, batch_size=batch, channels=args.ufd_channels, grid=f'{size}x{size}',
-                device=str(device), closed_form_ms=round(ms[f'closed_{mode}'], 3), dct_ms=round(ms[f'dct_{mode}'], 3),
+                device=str(device), compile=args.torchcompile or 'off',
+                closed_form_ms=round(ms[f'closed_{mode}'], 3), dct_ms=round(ms[f'dct_{mode}'], 3),
                 speedup=round(ms[f'dct_{mode}'] / ms[f'closed_{mode}'], 2),
                 max_rel_diff=float(f'{max(rel):.3g}'),
                 values_closed=' '.join(f'{x.item():.6g}' for x in a),
@@ -768,6 +801,13 @@ class TrainRun:
     def __init__(self, key, run_dir, argv, epochs):
         self.key, self.run_dir, self.argv, self.epochs = key, Path(run_dir), argv, epochs
         self.status, self.top1, self.best_top1, self.wall_s, self.cpu_s = 'pending', None, None, None, None
+        # the command names its config by path: an edited config must not reuse a run made with the old one
+        config = argv[argv.index('-c') + 1] if '-c' in argv else None
+        digest = hashlib.sha256(json.dumps(argv).encode())
+        if config and os.path.isfile(config):
+            with open(config, 'rb') as f:
+                digest.update(f.read())
+        self.fingerprint = digest.hexdigest()[:16]
 
     def command(self):
         return [sys.executable, str(REPO / 'train.py'), *self.argv]
@@ -778,7 +818,7 @@ class TrainRun:
             return False
         with open(marker) as f:
             info = json.load(f)
-        if info.get('argv') != self.argv or info.get('status') != 'ok':
+        if info.get('fingerprint') != self.fingerprint or info.get('status') != 'ok':
             return False
         self.status, self.top1, self.best_top1 = 'ok', info['top1'], info['best_top1']
         self.wall_s, self.cpu_s = info['wall_s'], info.get('cpu_s')
@@ -821,7 +861,8 @@ class TrainRun:
         self.best_top1 = max(float(r['eval_top1']) for r in rows if r.get('eval_top1'))
         self.status = 'ok'
         with open(self.run_dir / 'benchmark_run.json', 'w') as f:
-            json.dump({'argv': self.argv, 'status': 'ok', 'top1': self.top1, 'best_top1': self.best_top1,
+            json.dump({'argv': self.argv, 'fingerprint': self.fingerprint, 'status': 'ok', 'top1': self.top1,
+                       'best_top1': self.best_top1,
                        'wall_s': self.wall_s, 'cpu_s': self.cpu_s}, f)
         return self
 
@@ -851,6 +892,11 @@ class Pair:
 
 def model_spec(cfg, key='model', kwargs_key='model_kwargs'):
     return cfg[key], [str(kv) for kv in cfg.get(kwargs_key) or []]
+
+
+def model_key(spec):
+    """A hashable (name, kwargs) of a model spec."""
+    return spec[0], tuple(spec[1])
 
 
 def results_plan(args):
@@ -902,8 +948,10 @@ def bench_results(args):
     started = time.time()
 
     def execute(runs):
+        # fewer runs than jobs (the teachers): give each run the idle cores too
+        run_threads = max(threads, cpus // max(1, min(jobs, len(runs))))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for run in pool.map(lambda r: r.run(threads, args.rerun), runs):
+            for run in pool.map(lambda r: r.run(run_threads, args.rerun), runs):
                 top1 = f'{run.top1:.2f}' if run.top1 is not None else '-'
                 print(f'  {run.key:<34s} top-1 {top1:>6s}  wall {run.wall_s or 0:6.1f} s  CPU {run.cpu_s or 0:6.1f} s  '
                       f'{run.status}', flush=True)
@@ -914,13 +962,13 @@ def bench_results(args):
     # 1. every distinct teacher, once, with seed 0
     teachers = OrderedDict()
     for pair in pairs.values():
-        if tuple(map(tuple, pair.teacher)) in teachers:
+        if model_key(pair.teacher) in teachers:
             continue
         run_dir = output / 'teachers' / slug(pair.teacher)
         argv = ['-c', str(DEMO_DIR / 'teacher.yaml'), '--model', pair.teacher[0], '--model-kwargs', *pair.teacher[1],
                 '--epochs', str(teacher_epochs), '--seed', '0', *data, *extra,
                 '--output', str(run_dir.parent), '--experiment', run_dir.name, '--overwrite']
-        teachers[tuple(map(tuple, pair.teacher))] = TrainRun(f'teacher {pair.teacher[0]}', run_dir, argv,
+        teachers[model_key(pair.teacher)] = TrainRun(f'teacher {pair.teacher[0]}', run_dir, argv,
                                                              teacher_epochs)
     print(f'Results table: pairs {", ".join(p.label for p in pairs.values())}; methods {" ".join(methods)}; '
           f'{seeds} seed(s); {epochs} student epochs, {teacher_epochs} teacher epochs; {jobs} job(s) x {threads} '
@@ -935,7 +983,7 @@ def bench_results(args):
         argv = ['-c', str(DEMO_DIR / 'vanilla.yaml'), '--model', student[0], '--model-kwargs', *student[1],
                 '--distiller', method, '--epochs', str(epochs), '--seed', str(seed), *data, *extra]
         if pair is not None:
-            teacher_run = teachers[tuple(map(tuple, pair.teacher))]
+            teacher_run = teachers[model_key(pair.teacher)]
             argv += ['--teacher', pair.teacher[0], '--teacher-kwargs', *pair.teacher[1],
                      '--teacher-checkpoint', str(teacher_run.run_dir / 'checkpoint' / 'last.pth.tar')]
         argv += ['--output', str(run_dir.parent), '--experiment', run_dir.name, '--overwrite']
@@ -944,7 +992,7 @@ def bench_results(args):
 
     table = OrderedDict()  # (method, pair label, student) -> runs over seeds
     first = next(iter(pairs.values()))
-    students = list(OrderedDict((tuple(map(tuple, p.student)), p.student) for p in pairs.values()).values())
+    students = list(OrderedDict((model_key(p.student), p.student) for p in pairs.values()).values())
     for seed in range(seeds):
         for student in students:
             table.setdefault(('vanilla', f'- -> {student[0]}', student[0]), []).append(
@@ -957,7 +1005,7 @@ def bench_results(args):
             for pair in pairs.values():
                 if method in LOGIT_METHODS and pair.name != 'cnn' and 'cnn' in pairs:
                     continue
-                if teachers[tuple(map(tuple, pair.teacher))].status != 'ok':
+                if teachers[model_key(pair.teacher)].status != 'ok':
                     continue
                 table.setdefault((method, pair.label, pair.student[0]), []).append(
                     student_run(method, pair.student, seed, pair))
@@ -966,7 +1014,7 @@ def bench_results(args):
 
     rows = results_rows(teachers, table)
     total = time.time() - started
-    machine = machine_description(torch.device('cpu'))
+    machine = machine_description(torch.device('cpu'), threads=False)
     text = results_markdown(rows, list(teachers.values()) + all_runs, args, epochs, teacher_epochs, seeds, jobs,
                             threads, total, machine)
     print('\n' + text)
@@ -1007,22 +1055,22 @@ def results_rows(teachers, table):
     for row in rows:
         base = vanilla.get(row.pop('student', None))
         if row['method'] != 'teacher' and row['top1_mean'] is not None and base is not None:
-            row['gain'] = round(row['top1_mean'] - base, 2)
+            row['gain'] = round(row['top1_mean'] - base, 2) + 0.0  # no '-0.00' for the vanilla rows
     return rows
 
 
 def results_markdown(rows, runs, args, epochs, teacher_epochs, seeds, jobs, threads, total, machine):
-    header = ['method', 'teacher -> student', 'top-1 (mean ± std)', 'gain vs vanilla', 'best-epoch top-1',
-              'wall s/run', 'CPU s/run', 'note']
+    header = ['method', 'teacher -> student', 'top-1 (mean ± std)', 'gain vs vanilla', 'wall s/run', 'CPU s/run',
+              'note']
     body = []
     for r in rows:
         if r['top1_mean'] is None:
-            body.append([r['method'], r['pair'], '-', '-', '-', '-', '-', r['status']])
+            body.append([r['method'], r['pair'], '-', '-', '-', '-', r['status']])
             continue
         std = f' ± {r["top1_std"]:.2f}' if r['top1_std'] is not None else ''
         gain = f'{r["gain"]:+.2f}' if r['gain'] is not None else ''
-        body.append([r['method'], r['pair'], f'{r["top1_mean"]:.2f}{std}', gain, fmt_num(r['best_top1_mean']),
-                     fmt_num(r['wall_s'], '.0f'), fmt_num(r['cpu_s'], '.0f'),
+        body.append([r['method'], r['pair'], f'{r["top1_mean"]:.2f}{std}', gain, fmt_num(r['wall_s'], '.0f'),
+                     fmt_num(r['cpu_s'], '.0f'),
                      '' if r['status'] == 'ok' else r['status']])
     cpu_total = sum(r.cpu_s for r in runs if r.cpu_s is not None)
     cores = os.cpu_count() or 1
@@ -1042,6 +1090,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.command_line = ' '.join(['python benchmark.py'] + [shlex.quote(a) for a in argv])
+    args.rounds = args.rounds or args.num_bench_iter
     if args.rounds < 1 or args.num_bench_iter < 1 or args.num_warm_iter < 0:
         raise SystemExit('benchmark.py: error: --rounds and --num-bench-iter must be at least 1, '
                          '--num-warm-iter at least 0')

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import benchmark
-from tests.helpers import REPO, run_script
+from tests.helpers import run_script
 
 
 # ---------------------------------------------------------------------------------------------- DCT reference
@@ -114,6 +114,21 @@ def test_results_rows_means_gains_and_failures():
     assert rows[-1]['top1_std'] is None  # one seed: no spread
 
 
+def test_finished_run_is_reused_only_with_the_same_command_and_config(tmp_path):
+    config = tmp_path / 'c.yaml'
+    config.write_text('epochs: 2\n')
+    run = benchmark.TrainRun('k', tmp_path / 'run', ['-c', str(config), '--seed', '0'], 2)
+    run.run_dir.mkdir()
+    (run.run_dir / 'benchmark_run.json').write_text(json.dumps(
+        {'fingerprint': run.fingerprint, 'status': 'ok', 'top1': 61.5, 'best_top1': 62.0, 'wall_s': 3.0}))
+    assert run.finished() and run.top1 == 61.5 and run.status == 'ok'
+    other_seed = benchmark.TrainRun('k', tmp_path / 'run', ['-c', str(config), '--seed', '1'], 2)
+    assert not other_seed.finished()
+    config.write_text('epochs: 3\n')
+    edited = benchmark.TrainRun('k', tmp_path / 'run', ['-c', str(config), '--seed', '0'], 2)
+    assert not edited.finished()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.e2e
 def test_train_bench_two_distillers(tmp_path):
@@ -132,10 +147,13 @@ def test_train_bench_two_distillers(tmp_path):
     assert kd['overhead'] == pytest.approx(kd['step_ms'] / (rows['student']['step_ms'] + kd['teacher_fwd_ms']),
                                            abs=2e-3)
     assert kd['vs_timm'] == pytest.approx(kd['step_ms'] / rows['timm_kd']['step_ms'], abs=2e-3)
-    assert kd['extra_params_m'] == 0 and kd['distiller_gflops_per_img'] == 0
+    assert kd['extra_params_m'] == 0 and kd['distiller_gflops_per_img'] == 0 and kd['overhead_net'] == kd['overhead']
     assert kd['student_gflops_per_img'] == kd['teacher_gflops_per_img'] > 0  # the same architecture
     # fitnet regresses stage maps: the teacher returns them, and its regressors are extra parameters
     assert fitnet['teacher_request'].startswith('logits+stages=') and fitnet['extra_params_m'] > 0
+    own = fitnet['distiller_gflops_per_img'] / fitnet['student_gflops_per_img']
+    assert fitnet['overhead_net'] == pytest.approx(fitnet['step_ms'] / (
+        rows['student']['step_ms'] * (1 + own) + fitnet['teacher_fwd_ms']), rel=1e-2)
     assert fitnet['vs_timm'] is None
     assert rows['vitkd']['status'].startswith('unsupported:')
 
@@ -166,6 +184,7 @@ def test_results_quick_two_methods(tmp_path):
     with open(out) as f:
         rows = {r['method']: r for r in csv.DictReader(f)}
     assert set(rows) == {'teacher', 'vanilla', 'kd', 'uskd'}
+    assert rows['teacher']['pair'] == 'test_resnet (teacher)'
     for name, row in rows.items():
         assert row['status'] == 'ok', (name, row['status'])
         assert 0 <= float(row['top1_mean']) <= 100 and float(row['wall_s']) > 0
