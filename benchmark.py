@@ -19,14 +19,16 @@ In the tradition of timm's benchmark.py. Three modes (`--bench`):
 
       python benchmark.py --bench ufd-loss
 
-- `results`: the small-scale results table. Trains through train.py (subprocesses, the commands users run) a
-  teacher per pair once, the vanilla student, and the student with every distiller the pair supports (logit
-  methods on the CNN pair, feature methods on the CNN pair and on a ViT-teacher -> CNN-student pair, USKD
-  without a teacher), all with the same recipe (configs/demo/), over 3 seeds; prints and writes the table
-  (mean +- std top-1 at the last epoch, gain over vanilla, wall time per run). `--quick`: one seed, fewer
-  epochs. `--demo`: the quickstart (ViT teacher -> CNN student, vanilla and ufd, one seed).
+- `results`: the small-scale results table. Trains through train.py (subprocesses, the commands users run) the
+  teacher once, each student alone (vanilla), and each student with every distiller its pair supports: logit
+  methods on the CNN pair (test_resnet -> test_efficientnet), feature methods on it and on the heterogeneous
+  pair (test_resnet -> test_vit, the quickstart's), USKD without a teacher. Every student has the same recipe
+  (configs/demo/) and runs over 3 seeds; the table (mean +- std top-1 at the last epoch, gain over the vanilla
+  run of the same student, wall and CPU time per run) is printed and written as markdown, csv and json.
+  A finished run is reused when its command and config are unchanged. `--quick`: one seed, 4 epochs.
+  `--demo`: the quickstart (the heterogeneous pair, vanilla and ufd, one seed).
 
-      python benchmark.py --bench results                       # ~45 min on 2 CPU cores
+      python benchmark.py --bench results                       # ~45 min on 2 idle CPU cores
       python benchmark.py --bench results --quick               # ~10 min
       python benchmark.py --bench results --dataset torch/cifar100 --data-dir data/cifar
 
@@ -143,7 +145,7 @@ def build_parser():
     group.add_argument('--quick', action='store_true', default=False,
                        help='one seed and fewer epochs (about 10 minutes on 2 CPU cores)')
     group.add_argument('--demo', action='store_true', default=False,
-                       help='the quickstart: the ViT-teacher pair, vanilla and ufd, one seed')
+                       help='the quickstart: the heterogeneous pair, vanilla and ufd, one seed')
     group.add_argument('--methods', nargs='+', default=None, metavar='NAME',
                        help='distillers to run (default: every one in the dispatch table)')
     group.add_argument('--seeds', type=int, default=None, metavar='N', help='seeds per run (default: 3, quick 1)')
@@ -158,7 +160,7 @@ def build_parser():
     group.add_argument('--pairs', nargs='+', default=None, choices=['cnn', 'hetero'],
                        help='pairs to run (default: both; --demo: hetero)')
     group.add_argument('--jobs', type=int, default=None, metavar='N',
-                       help='train.py processes at once, each with cpus/jobs threads (default: 2 on the CPU)')
+                       help='train.py processes at once, each with cpus/jobs threads (default: min(2, cpus))')
     group.add_argument('--output', default='', metavar='DIR', help='run folders (default: output/results)')
     group.add_argument('--train-args', default='', metavar='"ARGS"',
                        help='extra train.py arguments for every run, e.g. "--synthetic-train-size 256"')
@@ -933,8 +935,9 @@ def bench_results(args):
     output = Path(args.output or REPO / 'output' / ('demo' if args.demo else 'results'))
     output.mkdir(parents=True, exist_ok=True)
     data = []
-    if args.dataset:
-        data += ['--dataset', args.dataset]
+    if args.dataset or args.data_dir:
+        # a folder without a dataset name is an ImageFolder (train.py's default), not the configs' synthetic set
+        data += ['--dataset', args.dataset or '']
     if args.data_dir:
         data += ['--data-dir', args.data_dir]
     if args.img_size:
@@ -1070,14 +1073,14 @@ def results_markdown(rows, runs, args, epochs, teacher_epochs, seeds, jobs, thre
         std = f' ± {r["top1_std"]:.2f}' if r['top1_std'] is not None else ''
         gain = f'{r["gain"]:+.2f}' if r['gain'] is not None else ''
         body.append([r['method'], r['pair'], f'{r["top1_mean"]:.2f}{std}', gain, fmt_num(r['wall_s'], '.0f'),
-                     fmt_num(r['cpu_s'], '.0f'),
-                     '' if r['status'] == 'ok' else r['status']])
+                     fmt_num(r['cpu_s'], '.0f'), '' if r['status'] == 'ok' else r['status']])
     cpu_total = sum(r.cpu_s for r in runs if r.cpu_s is not None)
     cores = os.cpu_count() or 1
+    dataset = args.dataset or (f'ImageFolder {args.data_dir}' if args.data_dir else 'synthetic')
     lines = [markdown_table(header, body), '',
-             f'Dataset {args.dataset or "synthetic"}; {seeds} seed(s); students {epochs} epochs, teachers '
-             f'{teacher_epochs} epochs; recipe configs/demo/; top-1 at the last epoch (mean ± sample std over '
-             f'seeds). {jobs} train.py process(es) at once x {threads} thread(s) on {machine}.',
+             f'Dataset {dataset}; {seeds} seed(s); students {epochs} epochs, teachers {teacher_epochs} epochs; '
+             f'recipe configs/demo/; top-1 at the last epoch (mean ± sample std over seeds). {jobs} train.py '
+             f'process(es) at once x {threads} thread(s) on {machine}.',
              f'Wall time {total / 60:.1f} min; the runs used {cpu_total / 60:.1f} CPU-minutes, i.e. '
              f'{cpu_total / 60 / cores:.1f} min on {cores} otherwise idle cores.',
              f'Command: {args.command_line}']
