@@ -335,14 +335,7 @@ def distill_step_fn(model, optimizer, scaler, amp_autocast, images, labels, nan_
         loss = sum(losses.values())
         if nan_check and not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError('non-finite loss in the benchmark step')
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, optimizer, scaler)
         for name, value in losses.items():
             sums[name] = sums.get(name, torch.zeros((), device=images.device)) + value.detach().float() * n
         sums['loss'] = sums.get('loss', torch.zeros((), device=images.device)) + loss.detach().float() * n
@@ -354,15 +347,20 @@ def timm_step_fn(task, optimizer, scaler, amp_autocast, images, labels):
     def step():
         with amp_autocast():
             loss = task(images, labels)['loss']
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, optimizer, scaler)
     return step
+
+
+def backward_and_step(loss, optimizer, scaler):
+    """The update both timed steps share, as train.py does it (GradScaler for float16)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def capture_teacher_requests(distiller, images, labels, amp_autocast):
