@@ -36,12 +36,15 @@ def dfm_spatial_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 
 def dfm_frequency_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Frequency view, unweighted: the spatial view after removing each channel's spatial mean (the DC part)."""
+    """Frequency view, unweighted: the spatial view after removing each channel's spatial mean (the DC part).
+
+    AC vectors that are zero up to rounding count as exact zeros, with no gradient (see `ufd.normalized_squared_error`).
+    """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
         s, t = student.float(), teacher.float()
-        return normalized_squared_error(s - s.mean(dim=(2, 3), keepdim=True),
-                                        t - t.mean(dim=(2, 3), keepdim=True), dim=1)
+        s_mean, t_mean = s.mean(dim=(2, 3), keepdim=True), t.mean(dim=(2, 3), keepdim=True)
+        return normalized_squared_error(s - s_mean, t - t_mean, dim=1, student_mean=s_mean, teacher_mean=t_mean)
 
 
 # ---------------------------------------------------------------------------------------------- teacher stage

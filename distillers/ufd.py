@@ -25,21 +25,56 @@ from .kd import kd_loss
 
 
 # ---------------------------------------------------------------------------------------------- loss math
-def normalized_squared_error(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> torch.Tensor:
+# An AC vector this small next to the mean it was taken from is rounding noise of the subtraction (about 100
+# float32 ulps): a map whose AC part is exactly 0 leaves a few ulps there (or exact zeros), never 1e-5 of the mean.
+AC_RELATIVE_TOLERANCE = 1e-5
+
+
+def normalized_squared_error(student: torch.Tensor, teacher: torch.Tensor, dim: int,
+                             student_mean: Optional[torch.Tensor] = None,
+                             teacher_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over every vector along `dim` of ||n(s) - n(t)||^2, divided by the batch size (sum-SE / B).
 
     n(v) = v / max(||v||, 1e-12), F.normalize's rule. Expanded as |s|^2/m_s^2 + |t|^2/m_t^2 - 2 s.t/(m_s m_t) with
     m^2 = max(|v|^2, 1e-24): three reductions and no normalized copies of the inputs, several times faster than
-    normalizing both tensors. Clamping the squared norm (not the norm) keeps the gradient finite at zero vectors.
+    normalizing both tensors. The two squared norms come from `vector_norm`, a reduction that reads its input once
+    and writes no elementwise temporary (a dot product of a tensor with itself writes one): only s.t allocates.
+    Clamping the squared norm (not the norm) keeps the gradient finite at zero vectors.
     Rounding: a term for two equal directions is 0 to about 1e-7 rather than exactly 0.
+
+    AC parts: when `student` is a map minus `student_mean` (likewise the teacher; the mean keeps its reduced axes
+    as size 1), a vector whose norm is below AC_RELATIVE_TOLERANCE of the mean vector's is an exact zero: its AC
+    part is 0 (a map constant over space, whose every vector equals the mean) and what is left is rounding residue.
+    It then counts as the zero vector (n(0) = 0, a term of 1 against any nonzero vector, ufd.md F5) and passes no
+    gradient. Normalizing the residue instead would give a unit vector of arbitrary direction and, since
+    d n(v)/dv ~ 1/||v||, gradients of 1e5-1e12: one such step fills AdamW's second moments and freezes the student
+    for thousands of steps. A projector whose attention saturates on one student position for every query
+    produces exactly such a map (seen with ScaleKD's frequency CAP on a 2x2 grid).
     """
-    ss = torch.linalg.vecdot(student, student, dim=dim)
-    tt = torch.linalg.vecdot(teacher, teacher, dim=dim)
+    ss = torch.linalg.vector_norm(student, dim=dim).square()
+    tt = torch.linalg.vector_norm(teacher, dim=dim).square()
     st = torch.linalg.vecdot(student, teacher, dim=dim)
+    # the masks are constants: the zeroed vectors' terms get no gradient
+    if student_mean is not None:
+        student_zero = _rounding_zero(ss, student_mean, dim)
+        ss, st = ss.masked_fill(student_zero, 0.0), st.masked_fill(student_zero, 0.0)
+    if teacher_mean is not None:
+        teacher_zero = _rounding_zero(tt, teacher_mean, dim)
+        tt, st = tt.masked_fill(teacher_zero, 0.0), st.masked_fill(teacher_zero, 0.0)
     ss_m, tt_m = ss.clamp_min(1e-24), tt.clamp_min(1e-24)
     per_vector = ss / ss_m + tt / tt_m - 2 * st * ss_m.rsqrt() * tt_m.rsqrt()
     # equal directions can round to a few 1e-7 below zero; the exact value is >= 0 and its gradient there is 0
     return per_vector.clamp_min(0).sum() / student.shape[0]
+
+
+def _rounding_zero(squared_norm: torch.Tensor, mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """Where an AC vector's squared norm is rounding level next to its mean vector's (AC_RELATIVE_TOLERANCE).
+
+    The mean is small (its reduced axes have size 1), so this costs no pass over the map; it broadcasts against
+    the AC norms because those axes are kept.
+    """
+    with torch.no_grad():
+        return squared_norm <= AC_RELATIVE_TOLERANCE ** 2 * torch.linalg.vector_norm(mean, dim=dim).square()
 
 
 def check_feature_maps(student: torch.Tensor, teacher: torch.Tensor):
@@ -52,7 +87,8 @@ def spatial_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
     """(L_dc, L_ac) of the spatial branch, unweighted, for (B, C, H, W) maps (ufd.md §4.2).
 
     DC: the spatial mean (GAP) vector, normalized over C, counted once per position (H*W copies).
-    AC: each position's channel vector minus the spatial mean, normalized over C.
+    AC: each position's channel vector minus the spatial mean, normalized over C (zero up to rounding = zero,
+    see `normalized_squared_error`).
     """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
@@ -61,7 +97,7 @@ def spatial_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
         s_mean = s.mean(dim=(2, 3), keepdim=True)
         t_mean = t.mean(dim=(2, 3), keepdim=True)
         dc = num_positions * normalized_squared_error(s_mean, t_mean, dim=1)
-        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=1)
+        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=1, student_mean=s_mean, teacher_mean=t_mean)
     return dc, ac
 
 
@@ -69,7 +105,8 @@ def channel_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
     """(L_dc, L_ac) of the channel branch, unweighted, for (B, C, H, W) maps (ufd.md §4.2).
 
     DC: the per-position channel mean (an H*W vector), normalized over positions, counted once per channel.
-    AC: each channel's H*W map minus the per-position channel mean, normalized over positions.
+    AC: each channel's H*W map minus the per-position channel mean, normalized over positions (zero up to
+    rounding = zero, see `normalized_squared_error`).
     """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
@@ -78,7 +115,7 @@ def channel_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
         s_mean = s.mean(dim=1, keepdim=True)
         t_mean = t.mean(dim=1, keepdim=True)
         dc = num_channels * normalized_squared_error(s_mean, t_mean, dim=2)
-        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=2)
+        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=2, student_mean=s_mean, teacher_mean=t_mean)
     return dc, ac
 
 

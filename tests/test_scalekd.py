@@ -85,6 +85,33 @@ def test_frequency_view_matches_dct_oracle_and_ignores_channel_means(c, h, w):
     assert dfm_spatial_loss(s + shift, t).item() != pytest.approx(dfm_spatial_loss(s, t).item(), rel=1e-3)
 
 
+@pytest.mark.parametrize('h,w', [(2, 2), (7, 7), (3, 5)])
+def test_frequency_view_of_a_spatially_constant_map_is_exact_and_passes_no_gradient(h, w):
+    """A map constant over space (exactly, or up to rounding) has AC part 0: each position then scores
+    ||0 - n_C(T_ac)||^2 = 1 (ufd.md F5), so the unweighted loss is H*W, and the student gets no gradient.
+    Normalizing the rounding residue instead gave gradients of 1e5-1e12 (d n(v)/dv ~ 1/||v||), which froze AdamW
+    in the small-scale results runs."""
+    g = torch.Generator().manual_seed(h * w)
+    b, c = 3, 32
+    teacher = torch.randn(b, c, h, w, generator=g)
+    column = torch.randn(b, c, 1, 1, generator=g) * 5
+    for student in (column.expand(b, c, h, w).clone(),  # exactly constant
+                    column * (1 + 1e-7 * torch.randn(b, c, h, w, generator=g))):  # constant up to rounding
+        student.requires_grad_(True)
+        loss = dfm_frequency_loss(student, teacher)
+        assert loss.item() == pytest.approx(h * w, rel=1e-6)
+        loss.backward()
+        assert torch.count_nonzero(student.grad) == 0
+    # a small but real AC part is kept: the loss is then the plain formula, with a finite gradient
+    student = (column + 1e-3 * torch.randn(b, c, h, w, generator=g)).requires_grad_(True)
+    loss = dfm_frequency_loss(student, teacher)
+    plain = (2 - 2 * F.cosine_similarity(student - student.mean(dim=(2, 3), keepdim=True),
+                                         teacher - teacher.mean(dim=(2, 3), keepdim=True), dim=1)).sum() / b
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-4)
+    loss.backward()
+    assert 0 < student.grad.abs().max() < 1e4
+
+
 def test_start_of_training_scale():
     """S7: random projections at 7x7, cos ~ 0: 0.08 * 2 * 49 = 7.84 and 0.06 * 2 * 49 = 5.88."""
     g = torch.Generator().manual_seed(3)
@@ -201,6 +228,25 @@ def test_gradient_flows_through_the_frozen_teacher_into_the_projector():
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
     assert all(p.grad is None for p in d.teacher.parameters())
+
+
+def test_collapsed_stage4_frequency_projector_leaves_the_student_alone():
+    """A stage-4 frequency CAP whose queries are all alike (here: q_proj zeroed, so every query attends to the
+    student positions alike) outputs one vector at every position, as the saturated CAPs of the small-scale
+    results runs did. loss_s4_alt is then weight * H*W per sample, and neither the student nor the projectors
+    get gradient from it; before the rounding-level AC vectors were zeroed, the student's gradient was ~1e9."""
+    d = build('test_resnet', 'test_resnet')
+    cap = d.stage4['frequency']
+    with torch.no_grad():
+        cap.q_proj.weight.zero_()
+        cap.q_proj.bias.zero_()
+    x, y = batch()
+    _, losses = d(x, y)
+    h, w = d.teacher_grid
+    assert losses['loss_s4_alt'].item() == pytest.approx(0.06 * h * w, rel=1e-6)
+    losses['loss_s4_alt'].backward()
+    grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(gr) == 0 for gr in grads)
 
 
 @pytest.mark.parametrize('key,reached,untouched', [('loss_s4', 'spatial', 'frequency'),
