@@ -23,6 +23,7 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext, suppress
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -412,25 +413,47 @@ class PreemptionFlag:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def requested(self, args, device):
-        if not args.distributed:
-            return self.signal is not None
-        # every rank must stop at the same step, so they agree on it
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _all_ranks_finite(loss, args):
-    """Every rank must stop at the same step, or the others would wait in the gradient all-reduce."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if args.distributed:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item() > 0)
+class StepFlags:
+    """(loss is finite, stop requested) of one step, agreed by every rank, read by the host without waiting for the
+    backward: the step's one host-device synchronization, and a cheap one.
+
+    `start` runs after the forward: it builds the flags (stop requests negated, so that one MIN all-reduce serves
+    both; every rank must stop at the same step, or the others would wait in the gradient all-reduce) and, on a
+    GPU, queues their copy to pinned host memory. `read` runs after the backward has been queued and waits for
+    that copy only, so the GPU is already busy with the backward; a `.item()` at that point would wait for the
+    whole backward too and leave the GPU idle while the host queues the update and the next forward.
+    """
+
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == 'cuda'
+        self.host = torch.zeros(2, pin_memory=True) if self.on_gpu else None
+        self.copied = torch.cuda.Event() if self.on_gpu else None
+        self.flags = None
+
+    def start(self, loss: torch.Tensor, stop_signal: bool, distributed: bool):
+        finite = torch.isfinite(loss.detach()).float()
+        flags = torch.stack([finite, torch.full_like(finite, -1.0 if stop_signal else 0.0)])
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        if self.on_gpu:
+            self.host.copy_(flags, non_blocking=True)
+            self.copied.record()
+        else:
+            self.flags = flags
+
+    def read(self) -> Tuple[bool, bool]:
+        """(finite, stop_requested)."""
+        if self.on_gpu:
+            self.copied.synchronize()
+            finite, negated_stop = self.host.tolist()
+        else:
+            finite, negated_stop = self.flags.tolist()
+        return finite > 0, negated_stop < 0
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -544,6 +567,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     # a forward that produces a non-finite loss has already updated BN running stats: keep a copy to restore
     float_buffers = [b for b in distiller.buffers() if b.is_floating_point()] if args.nan_check else []
     buffer_backup = [b.detach().clone() for b in float_buffers]
+    step_flags = StepFlags(device)
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (images, labels) in enumerate(loader, start=start_batch):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -561,15 +585,22 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
             with amp_autocast():
                 _, losses = model(images, labels, epoch=epoch)
             loss = sum(losses.values())
-            if args.nan_check and not _all_ranks_finite(loss, args):
-                torch._foreach_copy_(float_buffers, buffer_backup)
-                bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
-                raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
-                                    f'batch {batch_idx} (update {state["num_updates"]})')
+            # without the NaN check a single process needs no flags (and no sync); ranks always agree on stopping
+            use_flags = args.nan_check or args.distributed
+            if use_flags:
+                step_flags.start(loss, preemption.signal is not None, args.distributed)
             if loss_scaler is not None:
                 loss_scaler.scale(loss / window).backward()
             else:
                 (loss / window).backward()
+        finite, stop_requested = step_flags.read() if use_flags else (True, preemption.signal is not None)
+        if args.nan_check and not finite:
+            # the update is not applied; the forward already moved the BN statistics: put them back
+            optimizer.zero_grad(set_to_none=True)
+            torch._foreach_copy_(float_buffers, buffer_backup)
+            bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
+            raise NonFiniteLoss(f'loss component {", ".join(bad) or "total"} is not finite at epoch {epoch}, '
+                                f'batch {batch_idx} (update {state["num_updates"]})')
         if update_step:
             if loss_scaler is not None:
                 if args.clip_grad is not None:
@@ -624,7 +655,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
                 and batch_idx != last_idx:
             save_recovery(epoch)
         # only at an update boundary: gradients accumulated inside a window are not part of a checkpoint
-        if update_step and batch_idx != last_idx and preemption.requested(args, device):
+        if update_step and batch_idx != last_idx and stop_requested:
             save_recovery(epoch)
             return None
     state['epoch_time'] = time.time() - epoch_start
@@ -706,6 +737,9 @@ def main(argv=None):
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    else:
+        # fixed input shapes: let cuDNN pick its fastest convolution algorithms once (timm's train.py does too)
+        torch.backends.cudnn.benchmark = True
     # models are built under the same seed on every rank (so a randomly initialized teacher, too, is the same
     # everywhere); the training RNG is then made rank-dependent, as timm does, before the loaders are built
     torch.manual_seed(args.seed)

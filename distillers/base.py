@@ -47,6 +47,10 @@ class Distiller(nn.Module):
     gt_complements_kd = False
     # set where some trainable parameters legitimately get no gradient in a step
     find_unused_parameters = False
+    # the teacher forward runs under torch.inference_mode (no autograd bookkeeping at all); its float32 outputs
+    # are then cloned into normal tensors, which autograd may save. A method that needs the teacher's autograd
+    # graph sets this to False (no_grad is used then). benchmark.py measures both.
+    teacher_inference_mode = True
 
     @classmethod
     def add_args(cls, parser):
@@ -70,6 +74,7 @@ class Distiller(nn.Module):
         self._teacher_adapter = None
         # teacher input re-normalization when its mean/std differ from the student's (set by train.py)
         self.teacher_norm = None
+        self._teacher_norm_on_device = None  # (device, dtype, scale, shift): moved once, not every step
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.train(self.teacher_train_mode)
@@ -107,19 +112,23 @@ class Distiller(nn.Module):
                                         for v in (student_mean, student_std, teacher_mean, teacher_std))
         # x_t = (x_s * s_std + s_mean - t_mean) / t_std = x_s * scale + shift
         self.teacher_norm = (s_std / t_std, (s_mean - t_mean) / t_std)
+        self._teacher_norm_on_device = None
 
     def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
         if self.teacher_norm is None:
             return images
-        scale, shift = (v.to(device=images.device, dtype=images.dtype) for v in self.teacher_norm)
-        return images * scale + shift
+        cached = self._teacher_norm_on_device
+        if cached is None or cached[0] != images.device or cached[1] != images.dtype:
+            scale, shift = (v.to(device=images.device, dtype=images.dtype) for v in self.teacher_norm)
+            cached = self._teacher_norm_on_device = (images.device, images.dtype, scale, shift)
+        return torch.addcmul(cached[3], images, cached[2])
 
     def teacher_forward(self, images: torch.Tensor, request: Optional[FeatureRequest] = None) -> Features:
         """The frozen teacher's logits (and requested features), as float32 constants."""
         teacher = self.teacher
         if teacher.training != self.teacher_train_mode:
             teacher.train(self.teacher_train_mode)
-        with torch.no_grad():
+        with torch.inference_mode() if self.teacher_inference_mode else torch.no_grad():
             x = self.teacher_input(images)
             if request is None:
                 out = Features(logits=teacher(x))
@@ -171,8 +180,14 @@ class Distiller(nn.Module):
 
 
 def _features_to_float(f: Features) -> Features:
+    """float32 copies usable by autograd: a low-precision tensor is cast (a new normal tensor, outside
+    inference mode), a float32 inference tensor is cloned, anything else is returned as is."""
     def cast(t):
-        return t.float() if t is not None and t.is_floating_point() else t
+        if t is None or not t.is_floating_point():
+            return t
+        if t.dtype != torch.float32:
+            return t.float()
+        return t.clone() if t.is_inference() else t
     return Features(logits=cast(f.logits), stages={k: cast(v) for k, v in f.stages.items()},
                     blocks={k: cast(v) for k, v in f.blocks.items()},
                     prefix={k: cast(v) for k, v in f.prefix.items()},

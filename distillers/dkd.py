@@ -5,7 +5,6 @@ KD split into a target-vs-rest binary KL (TCKD) and a KL over the non-target cla
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .base import Distiller, DistillerError, float32_loss, hard_targets
 
@@ -17,23 +16,24 @@ def dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     with float32_loss(student_logits.device.type):
         zs = student_logits.float() / t
         zt = teacher_logits.float() / t
-        b, k = zs.shape
-        is_target = F.one_hot(target.long(), k).bool()
+        index = target.long().unsqueeze(1)
+        is_target = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, index, True)
 
-        def binary_log_probs(z):
-            # (log p_y, log(1 - p_y)) from logsumexps: no log of a sum that can underflow to 0
-            log_norm = torch.logsumexp(z, dim=-1)
-            log_target = z[is_target] - log_norm
-            log_rest = (torch.logsumexp(z[~is_target].view(b, k - 1), dim=-1) - log_norm).clamp(max=0.0)
-            return torch.stack([log_target.clamp(max=0.0), log_rest], dim=-1)
+        def log_probs(z):
+            # (log p_y, log(1 - p_y), non-target log-softmax) from logsumexps: no log of a sum that can underflow
+            # to 0. The target column is not deleted (boolean indexing would wait for the GPU); it is taken out
+            # of the non-target normalizer by a -inf fill, and its entry of the non-target log-softmax is unused.
+            log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
+            log_norm_rest = torch.logsumexp(z.masked_fill(is_target, float('-inf')), dim=-1, keepdim=True)
+            log_target = (z.gather(1, index) - log_norm).clamp(max=0.0)
+            log_rest = (log_norm_rest - log_norm).clamp(max=0.0)
+            return torch.cat([log_target, log_rest], dim=-1), z - log_norm_rest
 
-        log_bs, log_bt = binary_log_probs(zs), binary_log_probs(zt)
+        (log_bs, log_ps_rest), (log_bt, log_pt_rest) = log_probs(zs), log_probs(zt)
         tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=-1)
-
-        # the target column is deleted, so the non-target softmax never sees it
-        log_ps_rest = F.log_softmax(zs[~is_target].view(b, k - 1), dim=-1)
-        log_pt_rest = F.log_softmax(zt[~is_target].view(b, k - 1), dim=-1)
-        nckd = (log_pt_rest.exp() * (log_pt_rest - log_ps_rest)).sum(dim=-1)
+        # the non-target distributions, with the target column weighted by 0: as if it were deleted
+        pt_rest = log_pt_rest.exp().masked_fill(is_target, 0.0)
+        nckd = (pt_rest * (log_pt_rest - log_ps_rest)).sum(dim=-1)
         return tckd * (t * t), nckd * (t * t)
 
 

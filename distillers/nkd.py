@@ -20,16 +20,18 @@ def nkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     with float32_loss(student_logits.device.type):
         zs = student_logits.float()
         zt = teacher_logits.float()
-        b, k = zs.shape
-        is_target = F.one_hot(target.long(), k).bool()
+        index = target.long().unsqueeze(1)
+        is_target = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, index, True)
 
-        log_ps_target = F.log_softmax(zs, dim=-1)[is_target]
-        pt_target = F.softmax(zt, dim=-1)[is_target]
+        log_ps_target = F.log_softmax(zs, dim=-1).gather(1, index)
+        pt_target = F.softmax(zt, dim=-1).gather(1, index)
         loss_target = -(pt_target * log_ps_target).mean()
 
-        # deleting the target column is what normalizes: softmax over the rest = p_i / (1 - p_y)
-        log_ps_rest = F.log_softmax(zs[~is_target].view(b, k - 1) / t, dim=-1)
-        pt_rest = F.softmax(zt[~is_target].view(b, k - 1) / t, dim=-1)
+        # softmax over the non-target classes = p_i / (1 - p_y): the target column is taken out of the normalizer
+        # by a -inf fill and weighted by 0 (boolean indexing to delete it would wait for the GPU)
+        zs_rest = zs.masked_fill(is_target, float('-inf')) / t
+        log_ps_rest = zs / t - torch.logsumexp(zs_rest, dim=-1, keepdim=True)
+        pt_rest = F.softmax(zt.masked_fill(is_target, float('-inf')) / t, dim=-1)
         loss_non_target = -gamma * (t * t) * (pt_rest * log_ps_rest).sum(dim=-1).mean()
         return loss_target, loss_non_target
 

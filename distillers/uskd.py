@@ -76,7 +76,7 @@ def uskd_terms(weak_logits: torch.Tensor, student_logits: torch.Tensor, target: 
     unsmoothed mixture and defines the two-label set; otherwise `target` (B,) does."""
     with float32_loss(student_logits.device.type):
         logits = student_logits.float()
-        b, k = logits.shape
+        k = logits.shape[1]
         index, value = label_sets(target, soft_labels)
         log_probs = F.log_softmax(logits, dim=-1)
 
@@ -89,11 +89,12 @@ def uskd_terms(weak_logits: torch.Tensor, student_logits: torch.Tensor, target: 
             weak_target = 0.9 * soft_labels.float() + 0.1 / k
         loss_weak = mu * -(weak_target * F.log_softmax(weak_logits.float(), dim=-1)).sum(dim=1).mean()
 
+        # the label columns are not deleted (boolean indexing would wait for the GPU): they are weighted by 0 and
+        # taken out of the non-target normalizer by a -inf fill, which is the same distribution over the rest
         keep = non_target_mask(index, k)
-        rest = k - index.shape[1]
-        ranked = zipf_rank_values(weak_logits, log_probs, index, rank_by, zipf)[keep].view(b, rest)
+        ranked = zipf_rank_values(weak_logits, log_probs, index, rank_by, zipf).masked_fill(~keep, 0.0)
         soft_non_target = ranked / ranked.sum(dim=1, keepdim=True)
-        log_probs_rest = F.log_softmax(logits[keep].view(b, rest), dim=-1)
+        log_probs_rest = logits - torch.logsumexp(logits.masked_fill(~keep, float('-inf')), dim=-1, keepdim=True)
         loss_non_target = -(soft_non_target * log_probs_rest).sum(dim=1).mean()
         return loss_target, loss_non_target, loss_weak
 

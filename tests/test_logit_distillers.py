@@ -605,6 +605,27 @@ LOSSES = {
 }
 
 
+@pytest.mark.parametrize('name', ['kd', 'dkd', 'wsld', 'nkd', 'dist', 'uskd', 'uskd-soft'])
+def test_loss_math_never_waits_for_the_device(name):
+    """No data-dependent shapes or host reads in the loss math (boolean-mask indexing, nonzero, .item()): each one
+    makes the host wait for the GPU in every step. Fake tensors have no data, so such an op raises here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from distillers.kd import kd_loss
+    with FakeTensorMode():
+        zs = torch.randn(4, 10, requires_grad=True)
+        zt, zw = torch.randn(4, 10), torch.randn(4, 10)
+        y = torch.zeros(4, dtype=torch.long)
+        loss = {'kd': lambda: kd_loss(zs, zt, 2.0),
+                'dkd': lambda: dkd_loss(zs, zt, y, 1.0, 2.0, 1.0),
+                'wsld': lambda: wsld_loss(zs, zt, y, 2.0, 1.0),
+                'nkd': lambda: nkd_loss(zs, zt, y, 1.0, 1.5),
+                'dist': lambda: dist_loss(zs, zt, 1.0, 1.0, 1.0),
+                'uskd': lambda: uskd_loss(zw, zs, y, 1.0, 0.1, 0.005),
+                'uskd-soft': lambda: uskd_loss(zw, zs, y, 1.0, 0.1, 0.005, soft_labels=torch.rand(4, 10))}[name]()
+        loss.backward()
+        assert loss.shape == () and zs.grad.shape == zs.shape
+
+
 @pytest.mark.parametrize('method', sorted(LOSSES))
 def test_bf16_autocast_matches_float32(method):
     zs, zt, y = random_logits(b=8, k=10, scale=2.0)

@@ -218,6 +218,50 @@ def test_teacher_ema_entry(tmp_path):
         load_model_weights(target, str(path), use_ema=True)
 
 
+# ------------------------------------------------------------------------------------------------ teacher forward
+def test_teacher_forward_fast_path():
+    """The teacher runs under inference_mode, yet what it returns can enter autograd (fp32 and bf16 autocast), equals
+    the no_grad result, and its input re-normalization is the exact affine map, moved to the device once."""
+    from argparse import Namespace
+    from distillers.base import Distiller
+    from models.features import FeatureRequest
+    torch.manual_seed(0)
+    student = timm.create_model('test_resnet', num_classes=10)
+    teacher = timm.create_model('test_resnet', num_classes=10)
+    distiller = Distiller(student, teacher, torch.nn.CrossEntropyLoss(), Namespace(), (3, 32, 32))
+    distiller.set_teacher_normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (0.485, 0.456, 0.406),
+                                        (0.229, 0.224, 0.225))
+    images = torch.randn(2, 3, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    expected_input = (images * 0.25 + 0.5 - mean) / std
+    assert torch.allclose(distiller.teacher_input(images), expected_input, atol=1e-6)
+    cached = distiller._teacher_norm_on_device
+    distiller.teacher_input(images)
+    assert distiller._teacher_norm_on_device is cached  # not rebuilt per step
+
+    request = FeatureRequest(stages=(-1,))
+    weight = torch.ones(1, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            fast = distiller.teacher_forward(images, request)
+            distiller.teacher_inference_mode = False
+            slow = distiller.teacher_forward(images, request)
+            distiller.teacher_inference_mode = True
+        for out, ref in ((fast.logits, slow.logits), (fast.stages[-1], slow.stages[-1])):
+            assert out.dtype == torch.float32 and not out.is_inference()
+            assert torch.equal(out, ref)
+            (out * weight).sum().backward()  # would raise for an inference tensor saved for backward
+    assert weight.grad is not None
+    assert torch.allclose(distiller.teacher_forward(images).logits, teacher(expected_input), atol=1e-5)
+
+    # --teacher-train-mode: BN statistics still update under inference_mode
+    distiller.teacher_train_mode = True
+    before = teacher.bn1.num_batches_tracked.item()
+    distiller.teacher_forward(images)
+    assert teacher.training and teacher.bn1.num_batches_tracked.item() == before + 1
+
+
 # ------------------------------------------------------------------------------------------------ distributed
 
 
