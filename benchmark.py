@@ -40,6 +40,9 @@ Ratios reported by `train`:
   FLOP. For logit methods it equals `overhead`; for feature methods it is the overhead beyond their modules'
   arithmetic.
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
+The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
+as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
+synchronizing in one step (`.item()`, boolean-mask indexing, `nonzero`): a step should have none.
 """
 import argparse
 import contextlib
@@ -59,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,6 +76,7 @@ import models  # noqa: F401  (registers the CIFAR models in timm)
 from distillers import DISTILLERS, DistillerError, add_distiller_args
 from distillers.vanilla import Vanilla
 from models.factory import ModelError, create_model_at_size
+from train import StepFlags
 
 REPO = Path(__file__).resolve().parent
 _logger = logging.getLogger('benchmark')
@@ -174,6 +179,7 @@ def build_parser():
 def resolve_device(name):
     if name is None:
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    torch.backends.cudnn.benchmark = True  # as train.py does without --deterministic
     return torch.device(name)
 
 
@@ -279,6 +285,23 @@ class PeakMemory:
         return max(self._status('VmHWM:') - base, 0)
 
 
+def count_host_syncs(fn):
+    """Host-device synchronizations in one call of `fn`, as CUDA's sync debug mode reports them (CUDA only).
+
+    A step should have none but the NaN check's one (`.item()`-like reads, boolean-mask indexing and
+    nonzero() stall the host until the GPU catches up, so the GPU then idles while the next kernels are queued).
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
 def count_flops(fn):
     """FLOPs of one call (torch.utils.flop_counter: matmuls and convolutions), or None where it fails."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -299,6 +322,7 @@ class Variant:
         self.name, self.kind, self.step, self.distiller = name, kind, step, distiller
         self.round_ms = []
         self.peak_bytes = None
+        self.host_syncs = None
 
 
 def method_namespace(args, input_size):
@@ -328,14 +352,15 @@ def distill_step_fn(model, optimizer, scaler, amp_autocast, images, labels, nan_
     """train.py's inner step for one batch (no accumulation, no clipping), metric sums included."""
     sums = {}
     n = images.shape[0]
+    flags = StepFlags(images.device)
 
     def step():
         with amp_autocast():
             _, losses = model(images, labels, epoch=0)
         loss = sum(losses.values())
-        if nan_check and not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError('non-finite loss in the benchmark step')
-        backward_and_step(loss, optimizer, scaler)
+        if nan_check:  # train.py's NaN check: flags built before the backward, read after it, before the update
+            flags.start(loss, stop_signal=False, distributed=False)
+        backward_and_step(loss, optimizer, scaler, flags if nan_check else None)
         for name, value in losses.items():
             sums[name] = sums.get(name, torch.zeros((), device=images.device)) + value.detach().float() * n
         sums['loss'] = sums.get('loss', torch.zeros((), device=images.device)) + loss.detach().float() * n
@@ -351,14 +376,19 @@ def timm_step_fn(task, optimizer, scaler, amp_autocast, images, labels):
     return step
 
 
-def backward_and_step(loss, optimizer, scaler):
-    """The update both timed steps share, as train.py does it (GradScaler for float16)."""
+def backward_and_step(loss, optimizer, scaler, flags=None):
+    """The update both timed steps share, as train.py does it (GradScaler for float16; with `flags`, train.py's
+    StepFlags, the NaN check's one host-device sync between the backward and the update)."""
     if scaler is not None:
         scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if flags is not None and not flags.read()[0]:
+        raise FloatingPointError('non-finite loss in the benchmark step')
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -380,12 +410,19 @@ def capture_teacher_requests(distiller, images, labels, amp_autocast):
     return requests
 
 
-def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=False):
+def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=None):
+    """The teacher forward(s) of one distill step, as the distiller runs them (`inference_mode=None`), or with
+    its grad mode switched to torch.inference_mode (True) or torch.no_grad (False) for the comparison."""
+    own_mode = distiller.teacher_inference_mode
+
     def step():
-        ctx = torch.inference_mode() if inference_mode else contextlib.nullcontext()
-        with ctx, amp_autocast():
-            # returned, so that a compiled version cannot drop the work as dead code
-            return [distiller.teacher_forward(images, request) for request in requests]
+        distiller.teacher_inference_mode = own_mode if inference_mode is None else inference_mode
+        try:
+            with amp_autocast():
+                # returned, so that a compiled version cannot drop the work as dead code
+                return [distiller.teacher_forward(images, request) for request in requests]
+        finally:
+            distiller.teacher_inference_mode = own_mode
     return step
 
 
@@ -485,7 +522,7 @@ def bench_train(args):
         args.nan_check), baseline)
     variants.append(student_variant)
 
-    teacher_variants = {}  # tuple of requests -> (no_grad variant, inference_mode variant)
+    teacher_variants = {}  # (requests, grad mode) -> (the distiller's own teacher forward, the other grad mode)
     for name in names:
         cls = DISTILLERS[name]
         info = rows_info[name] = {'status': 'ok', 'requests': (), 'variant': None}
@@ -511,16 +548,21 @@ def bench_train(args):
             labels, args.nan_check), distiller)
         info['variant'] = variant
         variants.append(variant)
-        if requests and requests not in teacher_variants:
-            key = 'teacher:' + '; '.join(describe_request(r) for r in requests)
+        requests_key = (requests, distiller.teacher_inference_mode)
+        info['requests_key'] = requests_key
+        if requests and requests_key not in teacher_variants:
+            own = 'inference_mode' if distiller.teacher_inference_mode else 'no_grad'
+            key = f'teacher:{"; ".join(describe_request(r) for r in requests)}@{own}'
             fwd = teacher_step_fn(distiller, requests, amp_autocast, images)
             if args.torchcompile:
                 fwd = torch.compile(fwd, backend=args.torchcompile)
             pair = [Variant(key, 'teacher', fwd, distiller)]
-            if not args.torchcompile:  # the fast-path question: is inference_mode worth it over no_grad?
-                pair.append(Variant(key + '@inference_mode', 'teacher', teacher_step_fn(
-                    distiller, requests, amp_autocast, images, inference_mode=True), distiller))
-            teacher_variants[requests] = pair
+            if not args.torchcompile:  # the fast-path question: what does inference_mode save over no_grad?
+                other = not distiller.teacher_inference_mode
+                pair.append(Variant(key.rsplit('@', 1)[0] + ('@inference_mode' if other else '@no_grad'), 'teacher',
+                                    teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=other),
+                                    distiller))
+            teacher_variants[requests_key] = pair
             variants.extend(pair)
 
     peer = None
@@ -543,6 +585,15 @@ def bench_train(args):
                  f'{args.rounds} round-robin rounds, batch {batch_size} at {img_size}px on {device}')
     time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
 
+    if device.type == 'cuda':
+        count_host_syncs(variants[0].step)  # the first count also sees one-time lazy initializations: discarded
+        for v in variants:
+            try:
+                v.host_syncs = count_host_syncs(v.step)
+            except RuntimeError as e:  # a build without the sync debug mode: the column stays empty
+                _logger.warning(f'host-sync count unavailable: {e}')
+                break
+
     if not args.no_memory:
         meter = PeakMemory(device)
         for v in variants:
@@ -553,7 +604,7 @@ def bench_train(args):
         # forward passes only, with autograd on as in training (the counter's module tracker expects it)
         with amp_autocast():
             flops['student'] = count_flops(lambda: baseline.student(images))
-            for requests, (v, *_) in teacher_variants.items():
+            for (requests, _), (v, *_) in teacher_variants.items():
                 flops[requests] = count_flops(lambda: [v.distiller.teacher_forward(images, r) for r in requests])
             for name, info in rows_info.items():
                 if info['variant'] is not None:
@@ -576,7 +627,8 @@ def bench_train(args):
         row.update(step_ms=round(median(v), 3), step_ms_min=round(min(v.round_ms), 3),
                    step_ms_max=round(max(v.round_ms), 3),
                    samples_per_sec=round(batch_size * 1000 / median(v), 2),
-                   peak_mem_mb=round(v.peak_bytes / 2 ** 20, 1) if v.peak_bytes is not None else 'n/a')
+                   peak_mem_mb=round(v.peak_bytes / 2 ** 20, 1) if v.peak_bytes is not None else 'n/a',
+                   host_syncs=v.host_syncs)
         return row
 
     def gflops(value):
@@ -586,7 +638,7 @@ def bench_train(args):
     row = base_row(student_variant)
     row.update(student_gflops_per_img=gflops(flops.get('student')), status='ok')
     rows.append(row)
-    for requests, pair in teacher_variants.items():
+    for (requests, _), pair in teacher_variants.items():
         for v in pair:
             row = base_row(v)
             row.update(teacher_gflops_per_img=gflops(flops.get(requests)), status='ok',
@@ -604,9 +656,14 @@ def bench_train(args):
             row['status'] = info['status']
             rows.append(row)
             continue
-        teacher_ms = median(teacher_variants[info['requests']][0]) if info['requests'] else 0.0
-        teacher_im = teacher_variants[info['requests']][1:] if info['requests'] else []
-        teacher_im_ms = median(teacher_im[0]) if teacher_im else None
+        own_teacher, *other_teacher = teacher_variants[info['requests_key']] if info['requests'] else (None,)
+        teacher_ms = median(own_teacher) if own_teacher is not None else 0.0
+        # the teacher forward under the grad mode the distiller does not use (None when compiled or no teacher)
+        teacher_modes = {}  # teacher_inference_mode -> ms
+        if own_teacher is not None:
+            teacher_modes[v.distiller.teacher_inference_mode] = teacher_ms
+        if other_teacher:
+            teacher_modes[not v.distiller.teacher_inference_mode] = median(other_teacher[0])
         row = base_row(v)
         student_g = flops.get('student')
         teacher_g = (flops.get(info['requests']) if info['requests'] else 0) if flops else None
@@ -619,11 +676,14 @@ def bench_train(args):
             net = median(v) / (student_ms + teacher_ms + student_ms * own_g / student_g) if student_g else None
         # the same ratios paired round by round (every variant ran in every round, close in time): their spread
         # says how much the machine drifted during the measurement
-        teacher_rounds = teacher_variants[info['requests']][0].round_ms if info['requests'] \
+        teacher_rounds = own_teacher.round_ms if info['requests'] \
             else [0.0] * len(v.round_ms)
         paired = [d / (s + t) for d, s, t in zip(v.round_ms, student_variant.round_ms, teacher_rounds)]
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
-                   teacher_fwd_inference_mode_ms=round(teacher_im_ms, 3) if teacher_im_ms is not None else None,
+                   teacher_grad_mode=('inference_mode' if v.distiller.teacher_inference_mode else 'no_grad')
+                   if info['requests'] else None,
+                   teacher_fwd_no_grad_ms=round(teacher_modes[False], 3) if False in teacher_modes else None,
+                   teacher_fwd_inference_mode_ms=round(teacher_modes[True], 3) if True in teacher_modes else None,
                    overhead=round(median(v) / (student_ms + teacher_ms), 3),
                    overhead_paired_median=round(statistics.median(paired), 3),
                    overhead_paired_min=round(min(paired), 3), overhead_paired_max=round(max(paired), 3),
@@ -664,25 +724,31 @@ def print_train_rows(rows, machine):
     print(f'Student {first["model"]}, teacher {first["teacher"] or "-"}, batch {first["batch_size"]} at '
           f'{first["img_size"]}px, amp {first["amp"]}, channels_last {first["channels_last"]}, '
           f'compile {first["compile"]}\n')
+    syncs = any(r.get('host_syncs') is not None for r in rows)
     header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'net', 'vs timm', 'peak MB',
-              'extra M params', 'GFLOPs/img s/t/own', 'status']
+              'extra M params', 'GFLOPs/img s/t/own'] + (['syncs'] if syncs else []) + ['status']
     table = []
     for r in rows:
         if 'step_ms' not in r:
-            table.append([r['variant']] + ['-'] * 9 + [r['status']])
+            table.append([r['variant']] + ['-'] * (len(header) - 2) + [r['status']])
             continue
         g = '/'.join(fmt_num(r.get(k), '.3f') for k in ('student_gflops_per_img', 'teacher_gflops_per_img',
                                                           'distiller_gflops_per_img'))
         table.append([r['variant'], fmt_num(r['step_ms'], '.1f'), fmt_num(r['samples_per_sec'], '.1f'),
                       fmt_num(r.get('teacher_fwd_ms'), '.1f'), overhead_text(r),
                       fmt_num(r.get('overhead_net'), '.3f'), fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'],
-                      fmt_num(r.get('extra_params_m'), '.3f'), g, r['status']])
+                      fmt_num(r.get('extra_params_m'), '.3f'), g]
+                     + ([fmt_num(r.get('host_syncs'), 'd')] if syncs else []) + [r['status']])
     print(markdown_table(header, table))
     print('\noverhead = distill step / (student step + teacher forward), of the medians over rounds (in brackets: '
           'the range of the same ratio taken round by round). net = the same with the method\'s own '
           'modules added to the denominator at the student\'s measured time per FLOP. vs timm = kd step / timm '
-          'LogitDistillationTask step. teacher:<request>@inference_mode: the same teacher forward under '
-          'torch.inference_mode instead of no_grad. Peak memory: above what was allocated before the step.')
+          'LogitDistillationTask step. teacher:<request>@<mode>: the teacher forward of the distill step, under the '
+          'grad mode the distiller uses (the one in the overhead) and, as a second row, under the other mode. Peak '
+          'memory: above what was allocated before the step.'
+          + (' syncs: operations in one step that CUDA\'s sync debug mode flags as synchronizing (.item(), '
+             'boolean-mask indexing, nonzero); the NaN check\'s wait on its own pinned copy is not one of them.'
+             if syncs else ''))
 
 
 # ==================================================================================================== ufd-loss bench

@@ -138,12 +138,17 @@ def test_train_bench_two_distillers(tmp_path):
                       '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu', '--results-file', out)
     assert 'overhead' in proc.stdout
     rows = {r['variant']: r for r in json.loads(out.read_text())}
-    assert {'student', 'teacher:logits', 'timm_kd', 'kd', 'fitnet', 'vitkd'} <= set(rows)
-    for name in ('student', 'teacher:logits', 'timm_kd', 'kd', 'fitnet'):
+    # the teacher forward as the distillers run it (inference_mode), and under no_grad for the comparison
+    assert {'student', 'teacher:logits@inference_mode', 'teacher:logits@no_grad', 'timm_kd', 'kd', 'fitnet',
+            'vitkd'} <= set(rows)
+    for name in ('student', 'teacher:logits@inference_mode', 'teacher:logits@no_grad', 'timm_kd', 'kd', 'fitnet'):
         assert rows[name]['step_ms'] > 0 and rows[name]['samples_per_sec'] > 0, name
     kd, fitnet = rows['kd'], rows['fitnet']
     assert kd['teacher_request'] == 'logits' and kd['teacher_calls'] == 1
-    assert kd['teacher_fwd_ms'] == rows['teacher:logits']['step_ms']
+    assert kd['teacher_grad_mode'] == 'inference_mode'
+    assert kd['teacher_fwd_ms'] == kd['teacher_fwd_inference_mode_ms'] \
+        == rows['teacher:logits@inference_mode']['step_ms']
+    assert kd['teacher_fwd_no_grad_ms'] == rows['teacher:logits@no_grad']['step_ms']
     assert kd['overhead'] == pytest.approx(kd['step_ms'] / (rows['student']['step_ms'] + kd['teacher_fwd_ms']),
                                            abs=2e-3)
     assert kd['vs_timm'] == pytest.approx(kd['step_ms'] / rows['timm_kd']['step_ms'], abs=2e-3)
