@@ -227,7 +227,6 @@ class ScaleKD(Distiller):
         self.teacher_request = teacher_request
         warn_train_mode_batchnorm(self)
 
-
     def no_weight_decay(self):
         return cap_no_weight_decay(self)
 

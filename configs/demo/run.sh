@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: train a small teacher on the built-in synthetic dataset, then a vanilla student and a student
-# distilled from the teacher with UFD, and print the three top-1 side by side. About 5 minutes on 2 CPU cores,
+# distilled from the teacher with UFD, and print the three top-1 side by side. About 2 minutes on 2 CPU cores,
 # no download. Run from anywhere:  bash configs/demo/run.sh   (OUT=folder to write elsewhere; default output/demo)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
