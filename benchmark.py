@@ -631,6 +631,9 @@ def bench_train(args):
                    host_syncs=v.host_syncs)
         return row
 
+    def round_ms(value):
+        return round(value, 3) if value is not None else None
+
     def gflops(value):
         return round(value / batch_size / 1e9, 4) if value is not None else None
 
@@ -658,12 +661,10 @@ def bench_train(args):
             continue
         own_teacher, *other_teacher = teacher_variants[info['requests_key']] if info['requests'] else (None,)
         teacher_ms = median(own_teacher) if own_teacher is not None else 0.0
-        # the teacher forward under the grad mode the distiller does not use (None when compiled or no teacher)
-        teacher_modes = {}  # teacher_inference_mode -> ms
-        if own_teacher is not None:
-            teacher_modes[v.distiller.teacher_inference_mode] = teacher_ms
-        if other_teacher:
-            teacher_modes[not v.distiller.teacher_inference_mode] = median(other_teacher[0])
+        own_ms = teacher_ms if own_teacher is not None else None
+        # the teacher forward under the grad mode the distiller does not use (none when compiled or teacherless)
+        other_ms = median(other_teacher[0]) if other_teacher else None
+        in_inference_mode = v.distiller.teacher_inference_mode
         row = base_row(v)
         student_g = flops.get('student')
         teacher_g = (flops.get(info['requests']) if info['requests'] else 0) if flops else None
@@ -680,10 +681,9 @@ def bench_train(args):
             else [0.0] * len(v.round_ms)
         paired = [d / (s + t) for d, s, t in zip(v.round_ms, student_variant.round_ms, teacher_rounds)]
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
-                   teacher_grad_mode=('inference_mode' if v.distiller.teacher_inference_mode else 'no_grad')
-                   if info['requests'] else None,
-                   teacher_fwd_no_grad_ms=round(teacher_modes[False], 3) if False in teacher_modes else None,
-                   teacher_fwd_inference_mode_ms=round(teacher_modes[True], 3) if True in teacher_modes else None,
+                   teacher_grad_mode=('inference_mode' if in_inference_mode else 'no_grad') if own_ms else None,
+                   teacher_fwd_no_grad_ms=round_ms(other_ms if in_inference_mode else own_ms),
+                   teacher_fwd_inference_mode_ms=round_ms(own_ms if in_inference_mode else other_ms),
                    overhead=round(median(v) / (student_ms + teacher_ms), 3),
                    overhead_paired_median=round(statistics.median(paired), 3),
                    overhead_paired_min=round(min(paired), 3), overhead_paired_max=round(max(paired), 3),
