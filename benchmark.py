@@ -39,6 +39,8 @@ Ratios reported by `train`:
   generators, heads; their forward FLOPs counted by FlopCounterMode) priced at the student's measured time per
   FLOP. For logit methods it equals `overhead`; for feature methods it is the overhead beyond their modules'
   arithmetic.
+- `net_timed` = the same with the modules' measured time instead: the `own:<method>` variant replays their
+  outermost calls from one step (inputs captured then, detached), forward and backward, alone.
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
 The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
 as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
@@ -410,6 +412,71 @@ def capture_teacher_requests(distiller, images, labels, amp_autocast):
     return requests
 
 
+def capture_own_module_calls(distiller, images, labels, amp_autocast):
+    """The outermost calls of the distiller's own modules (projectors, generators, heads: everything but the student;
+    the teacher is not in its module tree) in one forward, as (module, args, kwargs) with the inputs detached."""
+    own = [m for name, m in distiller.named_modules() if name and name != 'student' and not name.startswith('student.')]
+    calls, depth = [], [0]
+
+    def detached(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone().requires_grad_(value.requires_grad and value.is_floating_point())
+        if isinstance(value, (list, tuple)):
+            return type(value)(detached(v) for v in value)
+        if isinstance(value, dict):
+            return {k: detached(v) for k, v in value.items()}
+        return value
+
+    def enter(module, args, kwargs):
+        if depth[0] == 0:
+            calls.append((module, detached(args), detached(kwargs)))
+        depth[0] += 1
+
+    def leave(module, args, kwargs, output):
+        depth[0] -= 1
+
+    handles = [h for m in own for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                         m.register_forward_hook(leave, with_kwargs=True))]
+    try:
+        with amp_autocast():
+            distiller(images, labels, epoch=0)
+    finally:
+        for h in handles:
+            h.remove()
+        distiller.zero_grad(set_to_none=True)
+    return calls
+
+
+def own_modules_step_fn(distiller, calls, amp_autocast):
+    """Forward and backward of the distiller's own modules alone, on the inputs they got in a step: their cost,
+    timed rather than priced by FLOPs. Gradients reach the inputs that needed them, as in the step."""
+    own_params = [p for n, p in distiller.named_parameters() if not n.startswith('student.')]
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+
+    def step():
+        with amp_autocast():
+            outputs = [module(*args, **kwargs) for module, args, kwargs in calls]
+        total = sum(t.float().sum() for t in tensors(outputs) if t.requires_grad)
+        if isinstance(total, torch.Tensor):
+            total.backward()
+        for p in own_params:
+            p.grad = None
+        for _, args, kwargs in calls:
+            for t in tensors((args, kwargs)):
+                t.grad = None
+        return outputs
+    return step
+
+
 def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=None):
     """The teacher forward(s) of one distill step, as the distiller runs them (`inference_mode=None`), or with
     its grad mode switched to torch.inference_mode (True) or torch.no_grad (False) for the comparison."""
@@ -525,7 +592,7 @@ def bench_train(args):
     teacher_variants = {}  # (requests, grad mode) -> (the distiller's own teacher forward, the other grad mode)
     for name in names:
         cls = DISTILLERS[name]
-        info = rows_info[name] = {'status': 'ok', 'requests': (), 'variant': None}
+        info = rows_info[name] = {'status': 'ok', 'requests': (), 'variant': None, 'own_variant': None}
         try:
             distiller = cls(copy.deepcopy(student), teacher if cls.needs_teacher else None, criterion, ns,
                             input_size)
@@ -548,6 +615,11 @@ def bench_train(args):
             labels, args.nan_check), distiller)
         info['variant'] = variant
         variants.append(variant)
+        if distiller.extra_parameters():
+            calls = capture_own_module_calls(distiller, images, labels, amp_autocast)
+            info['own_variant'] = Variant(f'own:{name}', 'own', own_modules_step_fn(distiller, calls, amp_autocast),
+                                          distiller)
+            variants.append(info['own_variant'])
         requests_key = (requests, distiller.teacher_inference_mode)
         info['requests_key'] = requests_key
         if requests and requests_key not in teacher_variants:
@@ -651,6 +723,11 @@ def bench_train(args):
         row = base_row(peer)
         row.update(vs_timm=1.0, status='ok')
         rows.append(row)
+    for info in rows_info.values():
+        if info['own_variant'] is not None:
+            row = base_row(info['own_variant'])
+            row['status'] = 'ok'
+            rows.append(row)
     for name, info in rows_info.items():
         v = info['variant']
         if v is None:
@@ -661,9 +738,9 @@ def bench_train(args):
             continue
         own_teacher, *other_teacher = teacher_variants[info['requests_key']] if info['requests'] else (None,)
         teacher_ms = median(own_teacher) if own_teacher is not None else 0.0
-        own_ms = teacher_ms if own_teacher is not None else None
+        own_mode_ms = teacher_ms if own_teacher is not None else None
         # the teacher forward under the grad mode the distiller does not use (none when compiled or teacherless)
-        other_ms = median(other_teacher[0]) if other_teacher else None
+        other_mode_ms = median(other_teacher[0]) if other_teacher else None
         in_inference_mode = v.distiller.teacher_inference_mode
         row = base_row(v)
         student_g = flops.get('student')
@@ -680,14 +757,17 @@ def bench_train(args):
         teacher_rounds = own_teacher.round_ms if info['requests'] \
             else [0.0] * len(v.round_ms)
         paired = [d / (s + t) for d, s, t in zip(v.round_ms, student_variant.round_ms, teacher_rounds)]
+        own_ms = median(info['own_variant']) if info['own_variant'] is not None else 0.0
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
-                   teacher_grad_mode=('inference_mode' if in_inference_mode else 'no_grad') if own_ms else None,
-                   teacher_fwd_no_grad_ms=round_ms(other_ms if in_inference_mode else own_ms),
-                   teacher_fwd_inference_mode_ms=round_ms(own_ms if in_inference_mode else other_ms),
+                   teacher_grad_mode=('inference_mode' if in_inference_mode else 'no_grad') if own_mode_ms else None,
+                   teacher_fwd_no_grad_ms=round_ms(other_mode_ms if in_inference_mode else own_mode_ms),
+                   teacher_fwd_inference_mode_ms=round_ms(own_mode_ms if in_inference_mode else other_mode_ms),
                    overhead=round(median(v) / (student_ms + teacher_ms), 3),
                    overhead_paired_median=round(statistics.median(paired), 3),
                    overhead_paired_min=round(min(paired), 3), overhead_paired_max=round(max(paired), 3),
                    overhead_net=round(net, 3) if net is not None else None,
+                   own_modules_ms=round(own_ms, 3),
+                   overhead_net_timed=round(median(v) / (student_ms + teacher_ms + own_ms), 3),
                    vs_timm=round(median(v) / peer_ms, 3) if (peer_ms and name == 'kd') else None,
                    vs_timm_paired_median=round(statistics.median(
                        d / p for d, p in zip(v.round_ms, peer.round_ms)), 3) if (peer_ms and name == 'kd') else None,
@@ -725,7 +805,7 @@ def print_train_rows(rows, machine):
           f'{first["img_size"]}px, amp {first["amp"]}, channels_last {first["channels_last"]}, '
           f'compile {first["compile"]}\n')
     syncs = any(r.get('host_syncs') is not None for r in rows)
-    header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'net', 'vs timm', 'peak MB',
+    header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'net', 'net timed', 'vs timm', 'peak MB',
               'extra M params', 'GFLOPs/img s/t/own'] + (['syncs'] if syncs else []) + ['status']
     table = []
     for r in rows:
@@ -736,13 +816,16 @@ def print_train_rows(rows, machine):
                                                           'distiller_gflops_per_img'))
         table.append([r['variant'], fmt_num(r['step_ms'], '.1f'), fmt_num(r['samples_per_sec'], '.1f'),
                       fmt_num(r.get('teacher_fwd_ms'), '.1f'), overhead_text(r),
-                      fmt_num(r.get('overhead_net'), '.3f'), fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'],
+                      fmt_num(r.get('overhead_net'), '.3f'), fmt_num(r.get('overhead_net_timed'), '.3f'),
+                      fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'],
                       fmt_num(r.get('extra_params_m'), '.3f'), g]
                      + ([fmt_num(r.get('host_syncs'), 'd')] if syncs else []) + [r['status']])
     print(markdown_table(header, table))
     print('\noverhead = distill step / (student step + teacher forward), of the medians over rounds (in brackets: '
           'the range of the same ratio taken round by round). net = the same with the method\'s own '
-          'modules added to the denominator at the student\'s measured time per FLOP. vs timm = kd step / timm '
+          'modules added to the denominator at the student\'s measured time per FLOP; net timed = the same with '
+          'their measured time instead (the own:<method> row: forward and backward of those modules alone, on the '
+          'inputs they got in a step). vs timm = kd step / timm '
           'LogitDistillationTask step. teacher:<request>@<mode>: the teacher forward of the distill step, under the '
           'grad mode the distiller uses (the one in the overhead) and, as a second row, under the other mode. Peak '
           'memory: above what was allocated before the step.'

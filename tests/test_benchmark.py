@@ -160,6 +160,11 @@ def test_train_bench_two_distillers(tmp_path):
     assert fitnet['overhead_net'] == pytest.approx(fitnet['step_ms'] / (
         rows['student']['step_ms'] * (1 + own) + fitnet['teacher_fwd_ms']), rel=1e-2)
     assert fitnet['vs_timm'] is None
+    # the modules' measured cost: the own:fitnet row times them alone, and `net timed` adds that time instead
+    assert kd['own_modules_ms'] == 0 and kd['overhead_net_timed'] == kd['overhead'] and 'own:kd' not in rows
+    assert fitnet['own_modules_ms'] == rows['own:fitnet']['step_ms'] > 0
+    assert fitnet['overhead_net_timed'] == pytest.approx(fitnet['step_ms'] / (
+        rows['student']['step_ms'] + fitnet['teacher_fwd_ms'] + fitnet['own_modules_ms']), abs=2e-3)
     assert rows['vitkd']['status'].startswith('unsupported:')
 
 
