@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map_only
 import yaml
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
@@ -290,8 +291,9 @@ class PeakMemory:
 def count_host_syncs(fn):
     """Host-device synchronizations in one call of `fn`, as CUDA's sync debug mode reports them (CUDA only).
 
-    A step should have none but the NaN check's one (`.item()`-like reads, boolean-mask indexing and
-    nonzero() stall the host until the GPU catches up, so the GPU then idles while the next kernels are queued).
+    A step should have none (`.item()`-like reads, boolean-mask indexing and nonzero() stall the host until the
+    GPU catches up, so the GPU then idles while the next kernels are queued). The NaN check's wait on its own
+    pinned copy (train.py's StepFlags) is not flagged, and costs little.
     """
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
@@ -419,13 +421,8 @@ def capture_own_module_calls(distiller, images, labels, amp_autocast):
     calls, depth = [], [0]
 
     def detached(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach().clone().requires_grad_(value.requires_grad and value.is_floating_point())
-        if isinstance(value, (list, tuple)):
-            return type(value)(detached(v) for v in value)
-        if isinstance(value, dict):
-            return {k: detached(v) for k, v in value.items()}
-        return value
+        return tree_map_only(torch.Tensor, lambda t: t.detach().clone().requires_grad_(
+            t.requires_grad and t.is_floating_point()), value)
 
     def enter(module, args, kwargs):
         if depth[0] == 0:
@@ -453,14 +450,7 @@ def own_modules_step_fn(distiller, calls, amp_autocast):
     own_params = [p for n, p in distiller.named_parameters() if not n.startswith('student.')]
 
     def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from tensors(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from tensors(v)
+        return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
     def step():
         with amp_autocast():

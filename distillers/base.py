@@ -26,6 +26,13 @@ def hard_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels.argmax(dim=-1)
 
 
+def class_mask(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, K) boolean, True at the classes of `index` (B, J) in each row. Loss math masks classes with it
+    (`masked_fill`, `where`) rather than deleting them by boolean indexing, which waits for the GPU."""
+    mask = torch.zeros(index.shape[0], num_classes, dtype=torch.bool, device=index.device)
+    return mask.scatter_(1, index, True)
+
+
 @contextlib.contextmanager
 def float32_loss(device_type: str):
     """Loss math runs in float32 even inside an autocast region."""

@@ -6,7 +6,7 @@ from typing import Tuple
 
 import torch
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .base import Distiller, DistillerError, class_mask, float32_loss, hard_targets
 
 
 def dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -17,7 +17,7 @@ def dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         zs = student_logits.float() / t
         zt = teacher_logits.float() / t
         index = target.long().unsqueeze(1)
-        is_target = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, index, True)
+        is_target = class_mask(index, zs.shape[1])
 
         def log_probs(z):
             # (log p_y, log(1 - p_y), non-target log-softmax) from logsumexps: no log of a sum that can underflow

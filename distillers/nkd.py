@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .base import Distiller, DistillerError, class_mask, float32_loss, hard_targets
 
 
 def nkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -21,7 +21,7 @@ def nkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
         zs = student_logits.float()
         zt = teacher_logits.float()
         index = target.long().unsqueeze(1)
-        is_target = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, index, True)
+        is_target = class_mask(index, zs.shape[1])
 
         log_ps_target = F.log_softmax(zs, dim=-1).gather(1, index)
         pt_target = F.softmax(zt, dim=-1).gather(1, index)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.features import FeatureRequest
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .base import Distiller, DistillerError, class_mask, float32_loss, hard_targets
 
 RANK_MODES = ('prob', 'logprob')
 
@@ -65,8 +65,7 @@ def zipf_rank_values(weak_logits: torch.Tensor, student_log_probs: torch.Tensor,
 
 def non_target_mask(index: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, K) boolean, False at the J label classes of each row."""
-    mask = torch.ones(index.shape[0], num_classes, dtype=torch.bool, device=index.device)
-    return mask.scatter_(1, index, False)
+    return ~class_mask(index, num_classes)
 
 
 def uskd_terms(weak_logits: torch.Tensor, student_logits: torch.Tensor, target: torch.Tensor, mu: float,
