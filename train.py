@@ -568,6 +568,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     float_buffers = [b for b in distiller.buffers() if b.is_floating_point()] if args.nan_check else []
     buffer_backup = [b.detach().clone() for b in float_buffers]
     step_flags = StepFlags(device)
+    # without the NaN check a single process needs no flags (and no sync); ranks always agree on stopping
+    use_flags = args.nan_check or args.distributed
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (images, labels) in enumerate(loader, start=start_batch):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -585,8 +587,6 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
             with amp_autocast():
                 _, losses = model(images, labels, epoch=epoch)
             loss = sum(losses.values())
-            # without the NaN check a single process needs no flags (and no sync); ranks always agree on stopping
-            use_flags = args.nan_check or args.distributed
             if use_flags:
                 step_flags.start(loss, preemption.signal is not None, args.distributed)
             if loss_scaler is not None:
