@@ -24,7 +24,8 @@ from models.features import FeatureRequest, to_map, to_tokens
 from .base import Distiller, DistillerError, float32_loss
 from .kd import kd_loss
 from .ufd import (CrossAttentionProjector, broadcast_values, cap_no_weight_decay, check_feature_maps,
-                  default_num_heads, head_norm_on_map, normalized_squared_error, warn_train_mode_batchnorm)
+                  decoupled_squared_errors, default_num_heads, head_norm_on_map, normalized_squared_error,
+                  warn_train_mode_batchnorm)
 
 
 # ---------------------------------------------------------------------------------------------- loss math
@@ -38,13 +39,12 @@ def dfm_spatial_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 def dfm_frequency_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Frequency view, unweighted: the spatial view after removing each channel's spatial mean (the DC part).
 
-    AC vectors that are zero up to rounding count as exact zeros, with no gradient (see `ufd.normalized_squared_error`).
+    This is the AC term of UFD's spatial branch. AC vectors that are zero up to rounding count as exact zeros, with
+    no gradient (see `ufd.squared_errors_and_gradients`).
     """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
-        s, t = student.float(), teacher.float()
-        s_mean, t_mean = s.mean(dim=(2, 3), keepdim=True), t.mean(dim=(2, 3), keepdim=True)
-        return normalized_squared_error(s - s_mean, t - t_mean, dim=1, student_mean=s_mean, teacher_mean=t_mean)
+        return decoupled_squared_errors(student.float().flatten(2), teacher.float().flatten(2), dim=1, mean_dim=2)[1]
 
 
 # ---------------------------------------------------------------------------------------------- teacher stage

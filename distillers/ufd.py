@@ -28,19 +28,24 @@ from .kd import kd_loss
 # An AC vector this small next to the mean it was taken from is rounding noise of the subtraction (about 100
 # float32 ulps): a map whose AC part is exactly 0 leaves a few ulps there (or exact zeros), never 1e-5 of the mean.
 AC_RELATIVE_TOLERANCE = 1e-5
+# F.normalize's rule n(v) = v / max(||v||, 1e-12), on the squared norm
+SQUARED_NORM_FLOOR = 1e-24
 
 
-def normalized_squared_error(student: torch.Tensor, teacher: torch.Tensor, dim: int,
-                             student_mean: Optional[torch.Tensor] = None,
-                             teacher_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sum over every vector along `dim` of ||n(s) - n(t)||^2, divided by the batch size (sum-SE / B).
+def squared_errors_and_gradients(student: torch.Tensor, teacher: torch.Tensor, dim: int,
+                                 student_mean: Optional[torch.Tensor] = None,
+                                 teacher_mean: Optional[torch.Tensor] = None, with_gradients: bool = True):
+    """||n(s) - n(t)||^2 of every vector along `dim` (kept as size 1), and the coefficients of its gradients.
 
-    n(v) = v / max(||v||, 1e-12), F.normalize's rule. Expanded as |s|^2/m_s^2 + |t|^2/m_t^2 - 2 s.t/(m_s m_t) with
-    m^2 = max(|v|^2, 1e-24): three reductions and no normalized copies of the inputs, several times faster than
-    normalizing both tensors. The two squared norms come from `vector_norm`, a reduction that reads its input once
-    and writes no elementwise temporary (a dot product of a tensor with itself writes one): only s.t allocates.
-    Clamping the squared norm (not the norm) keeps the gradient finite at zero vectors.
-    Rounding: a term for two equal directions is 0 to about 1e-7 rather than exactly 0.
+    Expanded as |s|^2/m_s^2 + |t|^2/m_t^2 - 2 s.t/(m_s m_t) with m^2 = max(|v|^2, 1e-24): three reductions
+    (`vector_norm` reads its input once and writes no elementwise temporary) and no normalized copies of the
+    inputs. The gradients are per-vector combinations of the two inputs,
+        d/ds = a_s * s + b * t,    d/dt = a_t * t + b * s,
+    so a backward pass needs only these coefficients (the size of the per-vector terms) and the inputs. Where |s|
+    is above the floor, a_s = 2 s.t / (m_t m_s^3) (the first term is the constant 1); below it m_s is the clamped
+    constant and a_s = 2 / 1e-24: the values autograd gives the expansion, finite at zero vectors. A term that
+    rounds below zero (equal directions, a few 1e-7) is clamped to 0, its exact value, where its gradient is 0.
+    Without gradients the coefficients are None.
 
     AC parts: when `student` is a map minus `student_mean` (likewise the teacher; the mean keeps its reduced axes
     as size 1), a vector whose norm is below AC_RELATIVE_TOLERANCE of the mean vector's is an exact zero: its AC
@@ -49,32 +54,129 @@ def normalized_squared_error(student: torch.Tensor, teacher: torch.Tensor, dim: 
     gradient. Normalizing the residue instead would give a unit vector of arbitrary direction and, since
     d n(v)/dv ~ 1/||v||, gradients of 1e5-1e12: one such step fills AdamW's second moments and freezes the student
     for thousands of steps. A projector whose attention saturates on one student position for every query
-    produces exactly such a map (seen with ScaleKD's frequency CAP on a 2x2 grid).
+    produces exactly such a map (seen with ScaleKD's frequency CAP on a 2x2 grid). The test reads only the small
+    mean tensors besides the norms.
     """
-    ss = torch.linalg.vector_norm(student, dim=dim).square()
-    tt = torch.linalg.vector_norm(teacher, dim=dim).square()
-    st = torch.linalg.vecdot(student, teacher, dim=dim)
-    # the masks are constants: the zeroed vectors' terms get no gradient
-    if student_mean is not None:
-        student_zero = _rounding_zero(ss, student_mean, dim)
-        ss, st = ss.masked_fill(student_zero, 0.0), st.masked_fill(student_zero, 0.0)
-    if teacher_mean is not None:
-        teacher_zero = _rounding_zero(tt, teacher_mean, dim)
-        tt, st = tt.masked_fill(teacher_zero, 0.0), st.masked_fill(teacher_zero, 0.0)
-    ss_m, tt_m = ss.clamp_min(1e-24), tt.clamp_min(1e-24)
-    per_vector = ss / ss_m + tt / tt_m - 2 * st * ss_m.rsqrt() * tt_m.rsqrt()
-    # equal directions can round to a few 1e-7 below zero; the exact value is >= 0 and its gradient there is 0
-    return per_vector.clamp_min(0).sum() / student.shape[0]
+    ss = torch.linalg.vector_norm(student, dim=dim, keepdim=True).square()
+    tt = torch.linalg.vector_norm(teacher, dim=dim, keepdim=True).square()
+    st = torch.linalg.vecdot(student, teacher, dim=dim).unsqueeze(dim)
+    live_s, live_t = _above_rounding(ss, student_mean, dim), _above_rounding(tt, teacher_mean, dim)
+    if live_s is not None:
+        ss, st = ss * live_s, st * live_s
+    if live_t is not None:
+        tt, st = tt * live_t, st * live_t
+    ss_m, tt_m = ss.clamp_min(SQUARED_NORM_FLOOR), tt.clamp_min(SQUARED_NORM_FLOOR)
+    inverse_norms = ss_m.rsqrt() * tt_m.rsqrt()  # the product of two floors would underflow float32
+    cos = st * inverse_norms
+    per_vector = ss / ss_m + tt / tt_m - 2 * cos
+    if not with_gradients:
+        return per_vector.clamp_min(0), None, None, None
+    twice_live = 2.0 * (per_vector >= 0)
+    b = -twice_live * inverse_norms
+    cos_part = cos * twice_live
+    a_s = torch.where(ss < SQUARED_NORM_FLOOR, twice_live, cos_part) / ss_m
+    a_t = torch.where(tt < SQUARED_NORM_FLOOR, twice_live, cos_part) / tt_m
+    if live_s is not None:
+        a_s, b = a_s * live_s, b * live_s
+    if live_t is not None:
+        a_t, b = a_t * live_t, b * live_t
+    return per_vector.clamp_min(0), a_s, a_t, b
 
 
-def _rounding_zero(squared_norm: torch.Tensor, mean: torch.Tensor, dim: int) -> torch.Tensor:
-    """Where an AC vector's squared norm is rounding level next to its mean vector's (AC_RELATIVE_TOLERANCE).
+def _above_rounding(squared_norm: torch.Tensor, mean: Optional[torch.Tensor], dim: int) -> Optional[torch.Tensor]:
+    """Where a vector is more than rounding residue next to its mean vector (None without a mean)."""
+    if mean is None:
+        return None
+    return squared_norm > AC_RELATIVE_TOLERANCE ** 2 * torch.linalg.vector_norm(mean, dim=dim, keepdim=True).square()
 
-    The mean is small (its reduced axes have size 1), so this costs no pass over the map; it broadcasts against
-    the AC norms because those axes are kept.
+
+def _needs_gradient(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _NormalizedSquaredError(torch.autograd.Function):
+    """Sum over the vectors along `dim` of ||n(s) - n(t)||^2, / B, with the backward of
+    `squared_errors_and_gradients`: one multiply-add per input instead of autograd's chain through the norms and
+    clamps (on a GPU, dozens of small kernels)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, dim):
+        per_vector, a_s, a_t, b = squared_errors_and_gradients(student, teacher, dim)
+        ctx.save_for_backward(student, teacher, a_s, a_t, b)
+        return per_vector.sum() / student.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, a_s, a_t, b = ctx.saved_tensors
+        scale = grad / student.shape[0]
+        grad_s = torch.addcmul(student * (a_s * scale), teacher, b * scale) if ctx.needs_input_grad[0] else None
+        grad_t = torch.addcmul(teacher * (a_t * scale), student, b * scale) if ctx.needs_input_grad[1] else None
+        return grad_s, grad_t, None
+
+
+def _decoupled_terms(student, teacher, dim, mean_dim, with_gradients):
+    """(DC, AC) of one branch, and what its backward needs (see `_DecoupledSquaredErrors`)."""
+    s_mean, t_mean = student.mean(mean_dim, keepdim=True), teacher.mean(mean_dim, keepdim=True)
+    s_ac, t_ac = student - s_mean, teacher - t_mean
+    dc, *dc_coefficients = squared_errors_and_gradients(s_mean, t_mean, dim, with_gradients=with_gradients)
+    ac, *ac_coefficients = squared_errors_and_gradients(s_ac, t_ac, dim, s_mean, t_mean, with_gradients)
+    batch = student.shape[0]
+    terms = dc.sum() * (student.shape[mean_dim] / batch), ac.sum() / batch
+    return terms, (s_mean, t_mean, s_ac, t_ac, *dc_coefficients, *ac_coefficients)
+
+
+class _DecoupledSquaredErrors(torch.autograd.Function):
+    """The (DC, AC) terms of one UFD branch, with a hand-written backward.
+
+    `mean_dim`: the axis the DC part averages over; `dim`: the axis whose vectors are normalized. DC: the mean
+    vectors' squared error, counted once per index of `mean_dim`. AC: the squared error of every vector minus its
+    mean. Backward: the AC gradient (coefficients times the AC maps) minus its own mean over `mean_dim`, which is
+    the adjoint of subtracting the mean, plus the DC gradient spread evenly over `mean_dim`. That is four passes
+    over the map per input, where autograd's chain through the mean, the subtraction and the norms takes about ten.
     """
-    with torch.no_grad():
-        return squared_norm <= AC_RELATIVE_TOLERANCE ** 2 * torch.linalg.vector_norm(mean, dim=dim).square()
+
+    @staticmethod
+    def forward(ctx, student, teacher, dim, mean_dim):
+        terms, saved = _decoupled_terms(student, teacher, dim, mean_dim, with_gradients=True)
+        ctx.mean_dim = mean_dim
+        ctx.save_for_backward(*saved)
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_dc, grad_ac):
+        s_mean, t_mean, s_ac, t_ac, dc_a_s, dc_a_t, dc_b, ac_a_s, ac_a_t, ac_b = ctx.saved_tensors
+        batch = s_ac.shape[0]
+        dc_scale, ac_scale = grad_dc / batch, grad_ac / batch
+
+        def map_gradient(own_ac, other_ac, own_mean, other_mean, dc_a, ac_a):
+            grad = own_ac * (ac_a * ac_scale)
+            grad.addcmul_(other_ac, ac_b * ac_scale)
+            dc_grad = torch.addcmul(own_mean * (dc_a * dc_scale), other_mean, dc_b * dc_scale)
+            return grad.sub_(grad.mean(ctx.mean_dim, keepdim=True) - dc_grad)
+
+        grad_s = map_gradient(s_ac, t_ac, s_mean, t_mean, dc_a_s, ac_a_s) if ctx.needs_input_grad[0] else None
+        grad_t = map_gradient(t_ac, s_ac, t_mean, s_mean, dc_a_t, ac_a_t) if ctx.needs_input_grad[1] else None
+        return grad_s, grad_t, None, None
+
+
+def normalized_squared_error(student: torch.Tensor, teacher: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over every vector along `dim` of ||n(s) - n(t)||^2, divided by the batch size (sum-SE / B).
+
+    n(v) = v / max(||v||, 1e-12), F.normalize's rule; see `squared_errors_and_gradients`. Rounding: a term for two
+    equal directions is 0 to about 1e-7 rather than exactly 0.
+    """
+    if _needs_gradient(student, teacher):
+        return _NormalizedSquaredError.apply(student, teacher, dim)
+    return squared_errors_and_gradients(student, teacher, dim, with_gradients=False)[0].sum() / student.shape[0]
+
+
+def decoupled_squared_errors(student: torch.Tensor, teacher: torch.Tensor, dim: int,
+                             mean_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(DC, AC): the mean over `mean_dim` and the rest, each as sum-SE / B of vectors along `dim` normalized; DC
+    counted once per index of `mean_dim`. AC vectors zero up to rounding count as zero, with no gradient."""
+    if _needs_gradient(student, teacher):
+        return _DecoupledSquaredErrors.apply(student, teacher, dim, mean_dim)
+    return _decoupled_terms(student, teacher, dim, mean_dim, with_gradients=False)[0]
 
 
 def check_feature_maps(student: torch.Tensor, teacher: torch.Tensor):
@@ -88,17 +190,11 @@ def spatial_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
 
     DC: the spatial mean (GAP) vector, normalized over C, counted once per position (H*W copies).
     AC: each position's channel vector minus the spatial mean, normalized over C (zero up to rounding = zero,
-    see `normalized_squared_error`).
+    see `squared_errors_and_gradients`).
     """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
-        s, t = student.float(), teacher.float()
-        num_positions = s.shape[2] * s.shape[3]
-        s_mean = s.mean(dim=(2, 3), keepdim=True)
-        t_mean = t.mean(dim=(2, 3), keepdim=True)
-        dc = num_positions * normalized_squared_error(s_mean, t_mean, dim=1)
-        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=1, student_mean=s_mean, teacher_mean=t_mean)
-    return dc, ac
+        return decoupled_squared_errors(student.float().flatten(2), teacher.float().flatten(2), dim=1, mean_dim=2)
 
 
 def channel_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,17 +202,11 @@ def channel_decoupled_loss(student: torch.Tensor, teacher: torch.Tensor) -> Tupl
 
     DC: the per-position channel mean (an H*W vector), normalized over positions, counted once per channel.
     AC: each channel's H*W map minus the per-position channel mean, normalized over positions (zero up to
-    rounding = zero, see `normalized_squared_error`).
+    rounding = zero, see `squared_errors_and_gradients`).
     """
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
-        s, t = student.float().flatten(2), teacher.float().flatten(2)
-        num_channels = s.shape[1]
-        s_mean = s.mean(dim=1, keepdim=True)
-        t_mean = t.mean(dim=1, keepdim=True)
-        dc = num_channels * normalized_squared_error(s_mean, t_mean, dim=2)
-        ac = normalized_squared_error(s - s_mean, t - t_mean, dim=2, student_mean=s_mean, teacher_mean=t_mean)
-    return dc, ac
+        return decoupled_squared_errors(student.float().flatten(2), teacher.float().flatten(2), dim=2, mean_dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- projector

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from distillers.base import DistillerError
 from distillers.kd import KD
-from distillers.ufd import (UFD, CrossAttentionProjector, channel_decoupled_loss, default_num_heads,
-                            head_norm_on_map, spatial_decoupled_loss)
+from distillers.ufd import (UFD, CrossAttentionProjector, channel_decoupled_loss, decoupled_squared_errors,
+                            default_num_heads, head_norm_on_map, normalized_squared_error, spatial_decoupled_loss)
 from tests.helpers import read_summary, run_train
 
 torch.set_num_threads(1)
@@ -79,6 +79,53 @@ def test_closed_form_equals_dct_oracle(b, c, h, w):
     got_ch = channel_decoupled_loss(tokens_to_map(q_tokens, h, w), t_map)
     for got, want in zip(got_sp + got_ch, want_sp + want_ch):
         assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_hand_written_backward_matches_autograd_through_the_dct_oracle():
+    """The losses' backward is written by hand (coefficients times the maps, projected onto mean-free maps);
+    autograd through the literal DCT formulation, in float64, must give the same gradients for both inputs."""
+    g = torch.Generator().manual_seed(11)
+    b, c, h, w = 3, 6, 4, 5
+    s_map = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    t_map = torch.randn(b, c, h, w, generator=g, dtype=torch.float64) + 0.3
+    weights = (0.7, -1.3, 0.4, 2.1)  # distinct, so that a term's gradient mixed into another's shows
+    oracle = DCTOracle(c, h, w, dtype=torch.float64)
+
+    def gradients(loss_of):
+        s, t = s_map.clone().requires_grad_(), t_map.clone().requires_grad_()
+        sum(a * term for a, term in zip(weights, loss_of(s, t))).backward()
+        return s.grad, t.grad
+
+    def with_oracle(s, t):
+        return oracle.spatial(s, t) + oracle.channel(s.flatten(2).transpose(1, 2), t)
+
+    def with_closed_form(s, t):
+        return (decoupled_squared_errors(s.flatten(2), t.flatten(2), dim=1, mean_dim=2)
+                + decoupled_squared_errors(s.flatten(2), t.flatten(2), dim=2, mean_dim=1))
+    for got, want in zip(gradients(with_closed_form), gradients(with_oracle)):
+        assert want.abs().max() > 0.01
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('dim,mean_dim', [(1, 2), (2, 1)])
+def test_hand_written_backward_passes_gradcheck(dim, mean_dim):
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: decoupled_squared_errors(a, b, dim, mean_dim), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: normalized_squared_error(a, b, dim), (s, t))
+
+
+def test_values_without_gradients_equal_those_with():
+    """Under no_grad (or with no input requiring grad) the losses skip the gradient coefficients."""
+    g = torch.Generator().manual_seed(13)
+    s, t = torch.randn(2, 8, 3, 5, generator=g), torch.randn(2, 8, 3, 5, generator=g)
+    with torch.no_grad():
+        plain = spatial_decoupled_loss(s, t) + channel_decoupled_loss(s, t) + (normalized_squared_error(s, t, 1),)
+    s.requires_grad_(True)
+    tracked = spatial_decoupled_loss(s, t) + channel_decoupled_loss(s, t) + (normalized_squared_error(s, t, 1),)
+    assert all(term.grad_fn is not None for term in tracked)
+    assert [x.item() for x in plain] == [x.item() for x in tracked]
 
 
 def test_random_inputs_give_two_per_normalized_vector():
