@@ -15,7 +15,8 @@ In the tradition of timm's benchmark.py. Three modes (`--bench`):
 
 - `ufd-loss`: the closed-form UFD losses of distillers/ufd.py against the DCT formulation of the paper
   (ufd.md §4.1, explicit DCT-II matrices built here, once), at B=64, C=768 on 7x7 and 14x14 maps: both times,
-  the speedup and the largest relative difference of the four terms.
+  the speedup, the tensor operations each dispatches (views excluded: on a GPU, the kernel launches that bound
+  the time at these shapes) and the largest relative difference of the four terms.
 
       python benchmark.py --bench ufd-loss
 
@@ -72,6 +73,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 import yaml
 
@@ -870,6 +872,27 @@ class DctUfdLoss:
         return self._sse(s_dc, t_dc, 1), self._sse(s_ac, t_ac, 1)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations a piece of code dispatches, views excluded. On a GPU each is at least one
+    kernel launch, and at UFD's loss shapes launches, not arithmetic, set the time: the count is the CPU's view of
+    what a GPU will pay."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn):
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 def bench_ufd_loss(args):
     from distillers.ufd import channel_decoupled_loss, spatial_decoupled_loss
     device = resolve_device(args.device)
@@ -907,6 +930,7 @@ def bench_ufd_loss(args):
         variants = [Variant('closed_fwd', 'ufd', no_grad(closed)), Variant('dct_fwd', 'ufd', no_grad(literal)),
                     Variant('closed_fwd_bwd', 'ufd', with_backward(closed)),
                     Variant('dct_fwd_bwd', 'ufd', with_backward(literal))]
+        ops = {v.name: count_ops(v.step) for v in variants} if not args.torchcompile else {}
         time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
         ms = {v.name: statistics.median(v.round_ms) for v in variants}
         for mode in ('fwd', 'fwd_bwd'):
@@ -915,6 +939,7 @@ def bench_ufd_loss(args):
                 device=str(device), compile=args.torchcompile or 'off',
                 closed_form_ms=round(ms[f'closed_{mode}'], 3), dct_ms=round(ms[f'dct_{mode}'], 3),
                 speedup=round(ms[f'dct_{mode}'] / ms[f'closed_{mode}'], 2),
+                closed_form_ops=ops.get(f'closed_{mode}'), dct_ops=ops.get(f'dct_{mode}'),
                 max_rel_diff=float(f'{max(rel):.3g}'),
                 values_closed=' '.join(f'{x.item():.6g}' for x in a),
                 values_dct=' '.join(f'{y.item():.6g}' for y in b)))
@@ -923,11 +948,13 @@ def bench_ufd_loss(args):
 
 def print_ufd_rows(rows, machine):
     print(f'\nMachine: {machine}\n')
-    header = ['grid', 'B', 'C', 'pass', 'closed form ms', 'DCT ms', 'speedup', 'max rel diff']
+    header = ['grid', 'B', 'C', 'pass', 'closed form ms', 'DCT ms', 'speedup', 'ops closed / DCT', 'max rel diff']
     print(markdown_table(header, [[r['grid'], r['batch_size'], r['channels'], r['mode'], fmt_num(r['closed_form_ms']),
                                    fmt_num(r['dct_ms']), fmt_num(r['speedup'], '.1f') + 'x',
+                                   f'{r["closed_form_ops"]} / {r["dct_ops"]}' if r['dct_ops'] else '-',
                                    f'{r["max_rel_diff"]:.2e}'] for r in rows]))
-    print('\nTerms compared: spatial DC, spatial AC, channel DC, channel AC (unweighted).')
+    print('\nTerms compared: spatial DC, spatial AC, channel DC, channel AC (unweighted). ops: tensor operations '
+          'dispatched, views excluded (on a GPU, kernel launches at least).')
 
 
 # ==================================================================================================== results table

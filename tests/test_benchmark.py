@@ -181,6 +181,16 @@ def test_ufd_loss_bench(tmp_path):
     for r in rows:
         assert float(r['max_rel_diff']) < 1e-4
         assert float(r['speedup']) == pytest.approx(float(r['dct_ms']) / float(r['closed_form_ms']), rel=0.02)
+    for fwd, fwd_bwd in (rows[:2], rows[2:]):
+        for key in ('closed_form_ops', 'dct_ops'):
+            assert 0 < int(fwd[key]) < int(fwd_bwd[key])
+
+
+def test_op_counter_counts_operations_not_views():
+    x = torch.randn(4, 6, requires_grad=True)
+    assert benchmark.count_ops(lambda: (x * 2).view(24).sum()) == 2  # mul, sum; the view is free
+    # the backward's operations count too
+    assert benchmark.count_ops(lambda: (x * 2).view(24).sum().backward()) > 2
 
 
 @pytest.mark.e2e
