@@ -1,5 +1,6 @@
 """Reliability: exact resume (SIGKILL and SIGTERM), corrupt checkpoints, no overwrite, non-finite losses,
 one-sentence errors for bad input that write nothing, and a dead DDP rank not hanging the others."""
+import logging
 import os
 import shutil
 import signal
@@ -231,18 +232,22 @@ BAD_INPUT = [
 ]
 
 
-# where most would print more than the error: argument parsing, the data, resuming a checkpoint
+# one case per stage of train.py (argument parsing, the data, resuming) runs as a user would, in a new process,
+# where anything else the run prints (log lines, Python warnings) would reach stderr and fail the test
 IN_A_NEW_PROCESS = {'unknown flag', 'corrupt image', 'resume with another optimizer'}
 
 
 def train_in_this_process(argv, monkeypatch, capfd):
     """train.py's entry point in the test process: (exit code, stderr, warnings raised). A new interpreter costs
-    about 10 s of imports here, so most bad-input cases run this way; the rest run as a user would."""
+    about 10 s of imports here, so most bad-input cases run this way. Python warnings are recorded rather than
+    printed. The signal handlers and the root logger that train.py sets up are put back afterwards."""
     import train
     monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
     monkeypatch.setattr(train, '_fresh_run', {})
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # as python_env() sets for a new process
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    root_logger = logging.getLogger()
+    log_handlers, log_level = root_logger.handlers[:], root_logger.level
     capfd.readouterr()
     try:
         with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_info:
@@ -251,6 +256,8 @@ def train_in_this_process(argv, monkeypatch, capfd):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        root_logger.handlers[:] = log_handlers
+        root_logger.setLevel(log_level)
     return exit_info.value.code, capfd.readouterr().err, [str(w.message) for w in caught]
 
 
