@@ -41,7 +41,8 @@ Ratios reported by `train`:
   FLOP. For logit methods it equals `overhead`; for feature methods it is the overhead beyond their modules'
   arithmetic.
 - `net_timed` = the same with the modules' measured time instead: the `own:<method>` variant replays their
-  outermost calls from one step (inputs captured then, detached), forward and backward, alone.
+  outermost calls from one step (inputs captured then, detached), forward and backward, alone. Teacher modules
+  that a method runs with autograd on (ScaleKD's teacher last stage) count as its own work, as in `net`.
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
 The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
 as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
@@ -417,14 +418,21 @@ def capture_teacher_requests(distiller, images, labels, amp_autocast):
 
 
 def capture_own_module_calls(distiller, images, labels, amp_autocast):
-    """The outermost calls of the distiller's own modules (projectors, generators, heads: everything but the student;
-    the teacher is not in its module tree) in one forward, as (module, args, kwargs) with the inputs detached."""
+    """The outermost calls of the method's own modules in one forward, as (module, args, kwargs) with the inputs
+    detached: the distiller's modules (projectors, generators, heads: everything but the student; the teacher is
+    not in its module tree), and teacher modules it runs with autograd on (ScaleKD's pass of projected student
+    features through the teacher's last stage). The teacher's own forward runs without autograd and is timed
+    as the teacher row, so those calls are left out; the FLOP-priced `net` counts both kinds alike."""
     own = [m for name, m in distiller.named_modules() if name and name != 'student' and not name.startswith('student.')]
+    teacher_modules = list(distiller.teacher.modules()) if distiller.teacher is not None else []
     calls, depth = [], [0]
 
     def detached(value):
         return tree_map_only(torch.Tensor, lambda t: t.detach().clone().requires_grad_(
             t.requires_grad and t.is_floating_point()), value)
+
+    def method_work():
+        return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
     def enter(module, args, kwargs):
         if depth[0] == 0:
@@ -434,8 +442,18 @@ def capture_own_module_calls(distiller, images, labels, amp_autocast):
     def leave(module, args, kwargs, output):
         depth[0] -= 1
 
+    def enter_teacher(module, args, kwargs):
+        if method_work():
+            enter(module, args, kwargs)
+
+    def leave_teacher(module, args, kwargs, output):
+        if method_work():
+            leave(module, args, kwargs, output)
+
     handles = [h for m in own for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
                                          m.register_forward_hook(leave, with_kwargs=True))]
+    handles += [h for m in teacher_modules for h in (m.register_forward_pre_hook(enter_teacher, with_kwargs=True),
+                                                      m.register_forward_hook(leave_teacher, with_kwargs=True))]
     try:
         with amp_autocast():
             distiller(images, labels, epoch=0)

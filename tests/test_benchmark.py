@@ -1,4 +1,5 @@
 """benchmark.py: its three modes run end to end on tiny settings, and the pieces its numbers rest on are right."""
+import contextlib
 import csv
 import json
 import math
@@ -184,6 +185,28 @@ def test_ufd_loss_bench(tmp_path):
     for fwd, fwd_bwd in (rows[:2], rows[2:]):
         for key in ('closed_form_ops', 'dct_ops'):
             assert 0 < int(fwd[key]) < int(fwd_bwd[key])
+
+
+def test_own_work_includes_teacher_modules_run_with_autograd():
+    """ScaleKD passes projected student features through the teacher's last stage with autograd on: the method's
+    own work, replayed in its own: row. The teacher's own forward (inference mode) is not; UFD has no such pass."""
+    from tests.test_scalekd import batch, build as build_scalekd
+    from tests.test_ufd import build as build_ufd
+    images, labels = batch()
+    scalekd = build_scalekd()
+    calls = benchmark.capture_own_module_calls(scalekd, images, labels, contextlib.nullcontext)
+    teacher_modules = set(scalekd.teacher.modules())
+    through_teacher = [module for module, _, _ in calls if module in teacher_modules]
+    assert through_teacher and all(module in teacher_modules for module in through_teacher)
+    assert scalekd.teacher.layers[-1] in through_teacher  # Swin: the last stage, as TeacherLastStage runs it
+    assert scalekd.teacher.patch_embed not in through_teacher
+    assert len(calls) > len(through_teacher)  # and the projectors
+    ufd = build_ufd(student='test_resnet', teacher='test_resnet')
+    calls = benchmark.capture_own_module_calls(ufd, images, labels, contextlib.nullcontext)
+    assert calls and not any(module in set(ufd.teacher.modules()) for module, _, _ in calls)
+    # the replay runs forward and backward through them alone
+    benchmark.own_modules_step_fn(scalekd, benchmark.capture_own_module_calls(
+        scalekd, images, labels, contextlib.nullcontext), contextlib.nullcontext)()
 
 
 def test_op_counter_counts_operations_not_views():
