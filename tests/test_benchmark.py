@@ -197,7 +197,7 @@ def test_own_work_includes_teacher_modules_run_with_autograd():
     calls = benchmark.capture_own_module_calls(scalekd, images, labels, contextlib.nullcontext)
     teacher_modules = set(scalekd.teacher.modules())
     through_teacher = [module for module, _, _ in calls if module in teacher_modules]
-    assert through_teacher and all(module in teacher_modules for module in through_teacher)
+    assert through_teacher
     assert scalekd.teacher.layers[-1] in through_teacher  # Swin: the last stage, as TeacherLastStage runs it
     assert scalekd.teacher.patch_embed not in through_teacher
     assert len(calls) > len(through_teacher)  # and the projectors
