@@ -465,8 +465,9 @@ def capture_own_module_calls(distiller, images, labels, amp_autocast):
 
 
 def own_modules_step_fn(distiller, calls, amp_autocast):
-    """Forward and backward of the distiller's own modules alone, on the inputs they got in a step: their cost,
-    timed rather than priced by FLOPs. Gradients reach the inputs that needed them, as in the step."""
+    """Forward and backward of the calls `capture_own_module_calls` recorded, alone, on the inputs they got in a
+    step: the method's own cost, timed rather than priced by FLOPs. Gradients reach the inputs that needed them,
+    as in the step."""
     own_params = [p for n, p in distiller.named_parameters() if not n.startswith('student.')]
 
     def tensors(value):

@@ -24,7 +24,7 @@ from models.features import FeatureRequest, to_map, to_tokens
 from .base import Distiller, DistillerError, float32_loss
 from .kd import kd_loss
 from .ufd import (CrossAttentionProjector, broadcast_values, cap_no_weight_decay, check_feature_maps,
-                  decoupled_squared_errors, default_num_heads, head_norm_on_map, normalized_squared_error,
+                  default_num_heads, head_norm_on_map, normalized_squared_error, spatial_decoupled_loss,
                   warn_train_mode_batchnorm)
 
 
@@ -42,9 +42,7 @@ def dfm_frequency_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     This is the AC term of UFD's spatial branch. AC vectors that are zero up to rounding count as exact zeros, with
     no gradient (see `ufd.squared_errors_and_gradients`).
     """
-    check_feature_maps(student, teacher)
-    with float32_loss(student.device.type):
-        return decoupled_squared_errors(student.float().flatten(2), teacher.float().flatten(2), dim=1, mean_dim=2)[1]
+    return spatial_decoupled_loss(student, teacher)[1]
 
 
 # ---------------------------------------------------------------------------------------------- teacher stage
