@@ -912,8 +912,20 @@ def count_ops(fn):
     return counter.count
 
 
+def gpu_busy_ms(step, iters=5):
+    """GPU time per call of `step`: the summed duration of the CUDA kernels it runs, host gaps excluded. Inside a
+    training step the host runs ahead of a busy GPU, so this, not the wall time of the call alone, is what a loss
+    adds to the step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / iters / 1000
+
+
 def bench_ufd_loss(args):
-    from distillers.ufd import channel_decoupled_loss, spatial_decoupled_loss
+    from distillers import ufd
     device = resolve_device(args.device)
     batch = args.batch_size or 64
     rows = []
@@ -922,9 +934,19 @@ def bench_ufd_loss(args):
         student = torch.randn(batch, args.ufd_channels, size, size, generator=gen).to(device).requires_grad_()
         teacher = torch.randn(batch, args.ufd_channels, size, size, generator=gen).to(device)
         dct = DctUfdLoss(args.ufd_channels, size, size, device)
+        # on a GPU the closed form runs as fused Triton kernels (distillers/ufd_triton.py); its eager form is timed
+        # beside them
+        fused = ufd.fused_kernels(student, teacher) is not None
 
-        def closed():
-            return (*spatial_decoupled_loss(student, teacher), *channel_decoupled_loss(student, teacher))
+        def closed():  # as the distiller calls it (there, each branch gets its own projector's map)
+            return ufd.decoupled_losses(student, student, teacher)
+
+        def eager():
+            ufd.FUSED_KERNELS = False
+            try:
+                return closed()
+            finally:
+                ufd.FUSED_KERNELS = True
 
         def literal():
             return (*dct.spatial(student, teacher), *dct.channel(student, teacher))
@@ -943,37 +965,62 @@ def bench_ufd_loss(args):
 
         if args.torchcompile:
             closed, literal = (torch.compile(fn, backend=args.torchcompile) for fn in (closed, literal))
+        forms = {'closed': closed, 'dct': literal, **({'eager': eager} if fused and not args.torchcompile else {})}
         with torch.no_grad():
-            a, b = closed(), literal()
-        rel = [abs(x.item() - y.item()) / max(abs(y.item()), 1e-30) for x, y in zip(a, b)]
-        variants = [Variant('closed_fwd', 'ufd', no_grad(closed)), Variant('dct_fwd', 'ufd', no_grad(literal)),
-                    Variant('closed_fwd_bwd', 'ufd', with_backward(closed)),
-                    Variant('dct_fwd_bwd', 'ufd', with_backward(literal))]
+            values = {name: fn() for name, fn in forms.items()}
+        rel = [abs(x.item() - y.item()) / max(abs(y.item()), 1e-30)
+               for name in forms if name != 'dct' for x, y in zip(values[name], values['dct'])]
+        variants = [Variant(f'{name}_{mode}', 'ufd', wrap(fn)) for mode, wrap in (('fwd', no_grad),
+                                                                                  ('fwd_bwd', with_backward))
+                    for name, fn in forms.items()]
         ops = {v.name: count_ops(v.step) for v in variants} if not args.torchcompile else {}
-        time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
-        ms = {v.name: statistics.median(v.round_ms) for v in variants}
+        # the fixed host cost of any backward() call (the autograd engine), which both forms pay in fwd_bwd
+        probe = torch.ones(1, device=device, requires_grad=True)
+        floor = Variant('backward_floor', 'ufd', lambda: (probe * 2).sum().backward())
+        time_round_robin(variants + [floor], args.num_warm_iter, args.num_bench_iter, args.rounds, device)
+        ms = {v.name: statistics.median(v.round_ms) for v in variants + [floor]}
+        gpu_ms = {v.name: gpu_busy_ms(v.step) for v in variants} if device.type == 'cuda' else {}
         for mode in ('fwd', 'fwd_bwd'):
             rows.append(OrderedDict(
                 bench='ufd-loss', mode=mode, batch_size=batch, channels=args.ufd_channels, grid=f'{size}x{size}',
-                device=str(device), compile=args.torchcompile or 'off',
+                device=str(device), compile=args.torchcompile or 'off', fused_kernels='yes' if fused else 'no',
                 closed_form_ms=round(ms[f'closed_{mode}'], 3), dct_ms=round(ms[f'dct_{mode}'], 3),
                 speedup=round(ms[f'dct_{mode}'] / ms[f'closed_{mode}'], 2),
+                eager_closed_form_ms=round(ms[f'eager_{mode}'], 3) if 'eager' in forms else None,
+                backward_floor_ms=round(ms['backward_floor'], 3) if mode == 'fwd_bwd' else None,
+                closed_form_gpu_ms=round(gpu_ms[f'closed_{mode}'], 3) if gpu_ms else None,
+                dct_gpu_ms=round(gpu_ms[f'dct_{mode}'], 3) if gpu_ms else None,
+                gpu_speedup=round(gpu_ms[f'dct_{mode}'] / gpu_ms[f'closed_{mode}'], 1) if gpu_ms else None,
                 closed_form_ops=ops.get(f'closed_{mode}'), dct_ops=ops.get(f'dct_{mode}'),
                 max_rel_diff=float(f'{max(rel):.3g}'),
-                values_closed=' '.join(f'{x.item():.6g}' for x in a),
-                values_dct=' '.join(f'{y.item():.6g}' for y in b)))
+                values_closed=' '.join(f'{x.item():.6g}' for x in values['closed']),
+                values_dct=' '.join(f'{y.item():.6g}' for y in values['dct'])))
     return rows, device
 
 
 def print_ufd_rows(rows, machine):
     print(f'\nMachine: {machine}\n')
-    header = ['grid', 'B', 'C', 'pass', 'closed form ms', 'DCT ms', 'speedup', 'ops closed / DCT', 'max rel diff']
+    eager = any(r['eager_closed_form_ms'] is not None for r in rows)
+    gpu = any(r['closed_form_gpu_ms'] is not None for r in rows)
+    header = ['grid', 'B', 'C', 'pass', 'closed form ms', *(['eager closed form ms'] if eager else []), 'DCT ms',
+              'speedup', 'backward() floor ms', *(['GPU ms closed / DCT', 'GPU speedup'] if gpu else []),
+              'ops closed / DCT', 'max rel diff']
     print(markdown_table(header, [[r['grid'], r['batch_size'], r['channels'], r['mode'], fmt_num(r['closed_form_ms']),
+                                   *([fmt_num(r['eager_closed_form_ms'])] if eager else []),
                                    fmt_num(r['dct_ms']), fmt_num(r['speedup'], '.1f') + 'x',
+                                   fmt_num(r['backward_floor_ms']) if r['backward_floor_ms'] is not None else '-',
+                                   *([f'{r["closed_form_gpu_ms"]:.3f} / {r["dct_gpu_ms"]:.3f}',
+                                      fmt_num(r['gpu_speedup'], '.1f') + 'x'] if gpu else []),
                                    f'{r["closed_form_ops"]} / {r["dct_ops"]}' if r['dct_ops'] else '-',
                                    f'{r["max_rel_diff"]:.2e}'] for r in rows]))
-    print('\nTerms compared: spatial DC, spatial AC, channel DC, channel AC (unweighted). ops: tensor operations '
-          'dispatched, views excluded (on a GPU, kernel launches at least).')
+    print('\nTerms compared: spatial DC, spatial AC, channel DC, channel AC (unweighted); max rel diff: of every '
+          'closed form against the DCT. backward() floor: a backward() through one multiply, the autograd engine\'s '
+          'fixed cost that every fwd_bwd call pays. ops: tensor operations dispatched, views excluded (on a GPU, '
+          'kernel launches at least; the fused Triton kernels, one forward and one backward, are not counted).'
+          + (' speedup: DCT / closed form, the fused kernels; eager closed form: the same math without them.'
+             if eager else '')
+          + (' GPU ms: the summed kernel time per call, without the host\'s gaps (what a loss adds to a training '
+             'step whose GPU is busy).' if gpu else ''))
 
 
 # ==================================================================================================== results table

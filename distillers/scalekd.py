@@ -24,7 +24,7 @@ from models.features import FeatureRequest, to_map, to_tokens
 from .base import Distiller, DistillerError, float32_loss
 from .kd import kd_loss
 from .ufd import (CrossAttentionProjector, broadcast_values, cap_no_weight_decay, check_feature_maps,
-                  default_num_heads, head_norm_on_map, normalized_squared_error, spatial_decoupled_loss,
+                  decoupled_losses, default_num_heads, head_norm_on_map, normalized_squared_error,
                   warn_train_mode_batchnorm)
 
 
@@ -42,7 +42,7 @@ def dfm_frequency_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     This is the AC term of UFD's spatial branch. AC vectors that are zero up to rounding count as exact zeros, with
     no gradient (see `ufd.squared_errors_and_gradients`).
     """
-    return spatial_decoupled_loss(student, teacher)[1]
+    return decoupled_losses(student, None, teacher)[1]
 
 
 # ---------------------------------------------------------------------------------------------- teacher stage

@@ -4,6 +4,8 @@ The student's last-stage map goes through two cross-attention projectors (ScaleK
 distillers/scalekd.py) into the teacher's last-stage layout. One feeds a spatial DC/AC pair of terms, the other a
 channel DC/AC pair. The DCT of the paper is never run: masking the DC coefficient and inverting is exactly
 subtracting the mean along that axis (ufd.md §4.2), so each term is means, differences and L2 normalizations.
+`decoupled_losses` gives all four terms: on a GPU through the fused Triton kernels of distillers/ufd_triton.py
+(the same math in two launches, forward and backward), elsewhere through the eager functions below.
 
 Teacher tap: the normalized last stage (ufd.md §2). `final` of the adapter is `forward_features`, which already
 ends with the final norm for Swin, ViT/DeiT (with token pooling) and Mixer. Some teachers normalize only the
@@ -88,6 +90,25 @@ def _above_rounding(squared_norm: torch.Tensor, mean: Optional[torch.Tensor], di
     if mean is None:
         return None
     return squared_norm > AC_RELATIVE_TOLERANCE ** 2 * torch.linalg.vector_norm(mean, dim=dim, keepdim=True).square()
+
+
+# False sends every call of `decoupled_losses` down the eager path (benchmark.py times both)
+FUSED_KERNELS = True
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_kernels(*maps: torch.Tensor):
+    """distillers/ufd_triton.py where its kernels can run on these (B, C, H, W) maps: CUDA tensors of a float
+    dtype whose H*W positions form one strided axis, Triton importable, and not inside torch.compile's tracing
+    (which fuses the eager path itself). None otherwise."""
+    if not FUSED_KERNELS or torch.compiler.is_compiling() or not all(
+            m.is_cuda and m.dtype in FUSED_DTYPES for m in maps):
+        return None
+    try:
+        from . import ufd_triton
+    except ImportError:  # a CUDA build of torch without Triton (Windows, some source builds)
+        return None
+    return ufd_triton if all(ufd_triton.map_strides(m) is not None for m in maps) else None
 
 
 def _needs_gradient(*tensors: torch.Tensor) -> bool:
@@ -177,6 +198,48 @@ def decoupled_squared_errors(student: torch.Tensor, teacher: torch.Tensor, dim: 
     if _needs_gradient(student, teacher):
         return _DecoupledSquaredErrors.apply(student, teacher, dim, mean_dim)
     return _decoupled_terms(student, teacher, dim, mean_dim, with_gradients=False)[0]
+
+
+class _FusedDecoupledTerms(torch.autograd.Function):
+    """Both branches' terms in one Triton launch forward and one backward (distillers/ufd_triton.py). The teacher's
+    map gets no gradient; `decoupled_losses` sends a teacher that needs one down the eager path. Each term is its
+    own output, so the backward hands the kernel the incoming gradients as they are, with no op to gather them."""
+
+    @staticmethod
+    def forward(ctx, spatial, channel, teacher, kernels):
+        terms, work = kernels.decoupled_terms(spatial, channel, teacher, with_gradients=True)
+        ctx.kernels = kernels
+        ctx.save_for_backward(spatial, channel, teacher, work)
+        return terms
+
+    @staticmethod
+    def backward(ctx, *term_grads):
+        spatial, channel, teacher, work = ctx.saved_tensors
+        grad_spatial, grad_channel = ctx.kernels.decoupled_gradients(spatial, channel, teacher, work, *term_grads)
+        return grad_spatial, grad_channel, None, None
+
+
+def decoupled_losses(spatial_student: torch.Tensor, channel_student: Optional[torch.Tensor],
+                     teacher: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """UFD's terms for (B, C, H, W) maps: (DC, AC) of the spatial branch for `spatial_student`, then (DC, AC) of
+    the channel branch for `channel_student` when it is given; both against `teacher`. What the distillers call.
+
+    The values are `spatial_decoupled_loss` and `channel_decoupled_loss`, in float32 whatever the input dtype. On
+    a GPU both branches run as two fused Triton kernels, one forward and one backward: at UFD's shapes the eager
+    form's hundred-odd small operations, not arithmetic, set the time.
+    """
+    maps = (spatial_student,) if channel_student is None else (spatial_student, channel_student)
+    for student in maps:
+        check_feature_maps(student, teacher)
+    kernels = fused_kernels(*maps, teacher)
+    if kernels is not None and not _needs_gradient(teacher):
+        if _needs_gradient(*maps):
+            return _FusedDecoupledTerms.apply(spatial_student, channel_student, teacher, kernels)
+        return kernels.decoupled_terms(spatial_student, channel_student, teacher, with_gradients=False)[0]
+    terms = spatial_decoupled_loss(spatial_student, teacher)
+    if channel_student is not None:
+        terms += channel_decoupled_loss(channel_student, teacher)
+    return terms
 
 
 def check_feature_maps(student: torch.Tensor, teacher: torch.Tensor):
@@ -419,8 +482,7 @@ class UFD(Distiller):
         logits = student.logits
         spatial = to_map(self.proj_spatial(student.final), self.teacher_grid)
         channel = to_map(self.proj_channel(student.final), self.teacher_grid)
-        dc_sp, ac_sp = spatial_decoupled_loss(spatial, target)
-        dc_ch, ac_ch = channel_decoupled_loss(channel, target)
+        dc_sp, ac_sp, dc_ch, ac_ch = decoupled_losses(spatial, channel, target)
         w_dc_sp, w_ac_sp, w_dc_ch, w_ac_ch = self.weights
         losses = {'loss_gt': self.gt_loss(logits, labels)}
         if self.kd_loss_weight:
