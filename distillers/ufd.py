@@ -226,7 +226,8 @@ def decoupled_losses(spatial_student: torch.Tensor, channel_student: Optional[to
 
     The values are `spatial_decoupled_loss` and `channel_decoupled_loss`, in float32 whatever the input dtype. On
     a GPU both branches run as two fused Triton kernels, one forward and one backward: at UFD's shapes the eager
-    form's hundred-odd small operations, not arithmetic, set the time.
+    form's hundred-odd small operations, not arithmetic, set the time. There the terms are views of one tensor,
+    so scale or add them out of place (`w * term`), as autograd refuses in-place changes to such outputs.
     """
     maps = (spatial_student,) if channel_student is None else (spatial_student, channel_student)
     for student in maps:

@@ -42,8 +42,10 @@ def _term_and_coefficients(ss, tt, st, live_s, live_t, floor):
     ss = ss * live_s
     tt = tt * live_t
     st = st * live_s * live_t
-    ss_m = tl.maximum(ss, floor)
-    tt_m = tl.maximum(tt, floor)
+    # maximum must keep NaN as the eager clamp_min does: a non-finite map has to give a non-finite loss, which the
+    # training loop's check sees
+    ss_m = tl.maximum(ss, floor, propagate_nan=tl.PropagateNan.ALL)
+    tt_m = tl.maximum(tt, floor, propagate_nan=tl.PropagateNan.ALL)
     inverse_norms = (1.0 / tl.sqrt(ss_m)) * (1.0 / tl.sqrt(tt_m))
     cos = st * inverse_norms
     term = ss / ss_m + tt / tt_m - 2.0 * cos
@@ -52,7 +54,22 @@ def _term_and_coefficients(ss, tt, st, live_s, live_t, floor):
     cos_part = cos * twice_live
     a_s = tl.where(ss < floor, twice_live, cos_part) / ss_m * live_s
     a_t = tl.where(tt < floor, twice_live, cos_part) / tt_m * live_t
-    return tl.maximum(term, 0.0), a_s, a_t, b
+    return tl.maximum(term, 0.0, propagate_nan=tl.PropagateNan.ALL), a_s, a_t, b
+
+
+# The work buffer, per branch: the mean vectors of the student's and the teacher's map for every sample (B x K
+# each), then 3 gradient coefficients per row (B x M x 3), then 3 per sample for the DC term (B x 3). The spatial
+# branch's part comes first, the channel branch's after it. `work_size` allocates it.
+@triton.jit
+def _work_pointers(work_ptr, b, batch, M, K):
+    """Where sample b's mean vectors, row coefficients and DC coefficients lie in one branch's part."""
+    return (work_ptr + b * K, work_ptr + batch * K + b * K, work_ptr + 2 * batch * K + b * M * 3,
+            work_ptr + 2 * batch * K + 3 * batch * M + b * 3)
+
+
+@triton.jit
+def _spatial_work_size(batch, C, N):
+    return batch * (2 * C + 3 * N + 3)
 
 
 @triton.jit
@@ -60,10 +77,7 @@ def _branch_forward(s_ptr, t_ptr, work_ptr, terms_ptr, b, batch, M, K, s_sm, s_s
                     WITH_GRADIENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One sample of one branch: the mean vectors, then every row's AC term and the DC term. Writes the sample's
     share of (DC, AC) to terms_ptr[0:2] and, for the backward, the means and coefficients to the work buffer."""
-    mu_s_ptr = work_ptr + b * K
-    mu_t_ptr = work_ptr + batch * K + b * K
-    ac_coef_ptr = work_ptr + 2 * batch * K + b * M * 3
-    dc_coef_ptr = work_ptr + 2 * batch * K + 3 * batch * M + b * 3
+    mu_s_ptr, mu_t_ptr, ac_coef_ptr, dc_coef_ptr = _work_pointers(work_ptr, b, batch, M, K)
     # first pass: the column means, kept in the work buffer
     mu_ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     mu_tt = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -145,7 +159,7 @@ def _forward_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, terms_ptr, batch, C, N,
         _branch_forward(sp_ptr + b * sp_sb, t_ptr + b * t_sb, work_ptr, terms_ptr + b * num_terms, b, batch, N, C,
                         sp_sn, sp_sc, t_sn, t_sc, tolerance_sq, floor, WITH_GRADIENTS, SP_BLOCK_M, SP_BLOCK_K)
     else:
-        _branch_forward(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + batch * (2 * C + 3 * N + 3),
+        _branch_forward(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + _spatial_work_size(batch, C, N),
                         terms_ptr + b * num_terms + 2, b, batch, C, N, ch_sc, ch_sn, t_sc, t_sn, tolerance_sq, floor,
                         WITH_GRADIENTS, CH_BLOCK_M, CH_BLOCK_K)
 
@@ -170,12 +184,11 @@ def _branch_gradient(s_ptr, t_ptr, work_ptr, grad_dc_ptr, grad_ac_ptr, g_ptr, b,
                      s_sm, s_sk, t_sm, t_sk, g_sm, g_sk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One block of columns of one sample's student gradient."""
     col_ok = cols < K
-    ac_coef_ptr = work_ptr + 2 * batch * K + b * M * 3
-    dc_coef_ptr = work_ptr + 2 * batch * K + 3 * batch * M + b * 3
+    mu_s_ptr, mu_t_ptr, ac_coef_ptr, dc_coef_ptr = _work_pointers(work_ptr, b, batch, M, K)
     dc_scale = tl.load(grad_dc_ptr) / batch
     ac_scale = tl.load(grad_ac_ptr) / batch
-    mu_s = tl.load(work_ptr + b * K + cols, mask=col_ok, other=0.0)
-    mu_t = tl.load(work_ptr + batch * K + b * K + cols, mask=col_ok, other=0.0)
+    mu_s = tl.load(mu_s_ptr + cols, mask=col_ok, other=0.0)
+    mu_t = tl.load(mu_t_ptr + cols, mask=col_ok, other=0.0)
     # first pass: the column means of the AC gradient, whose subtraction is the adjoint of subtracting the mean
     col_sum = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
@@ -209,7 +222,7 @@ def _gradient_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, sp_dc_grad_ptr, sp_ac_grad
                              sp_sn, sp_sc, t_sn, t_sc, gsp_sn, gsp_sc, SP_BLOCK_M, SP_BLOCK_K)
     else:
         if block * CH_BLOCK_K < N:
-            _branch_gradient(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + batch * (2 * C + 3 * N + 3),
+            _branch_gradient(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + _spatial_work_size(batch, C, N),
                              ch_dc_grad_ptr, ch_ac_grad_ptr, gch_ptr + b * gch_sb, b,
                              block * CH_BLOCK_K + tl.arange(0, CH_BLOCK_K), batch, C, N,
                              ch_sc, ch_sn, t_sc, t_sn, gch_sc, gch_sn, CH_BLOCK_M, CH_BLOCK_K)
@@ -235,6 +248,13 @@ def map_strides(x: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     return x.stride(0), x.stride(1), x.stride(3)
 
 
+def work_size(batch: int, c: int, n: int, branches: int) -> int:
+    """Floats in the work buffer (its layout is above `_work_pointers`): the spatial branch's part has K = C and
+    M = N, the channel branch's K = N and M = C."""
+    spatial = batch * (2 * c + 3 * n + 3)
+    return spatial if branches == 1 else spatial + batch * (2 * n + 3 * c + 3)
+
+
 def _blocks(c: int, n: int, sp_caps, ch_caps):
     return dict(SP_BLOCK_M=_block(n, sp_caps[0]), SP_BLOCK_K=_block(c, sp_caps[1]),
                 CH_BLOCK_M=_block(c, ch_caps[0]), CH_BLOCK_K=_block(n, ch_caps[1]))
@@ -251,9 +271,7 @@ def decoupled_terms(spatial: torch.Tensor, channel: Optional[torch.Tensor], teac
     batch, c, h, w = teacher.shape
     n, branches = h * w, 1 if channel is None else 2
     channel_or_spatial = spatial if channel is None else channel  # the kernel takes a pointer either way
-    # per sample: spatial branch 2C + 3N + 3 (means over channels, coefficients per position), channel 2N + 3C + 3
-    per_sample = 2 * c + 3 * n + 3 if channel is None else 5 * (c + n) + 6
-    work = torch.empty(batch * per_sample, device=teacher.device, dtype=torch.float32)
+    work = torch.empty(work_size(batch, c, n, branches), device=teacher.device, dtype=torch.float32)
     terms_per_sample = torch.empty(batch, 2 * branches, device=teacher.device, dtype=torch.float32)
     _forward_kernel[(batch, branches)](
         spatial, channel_or_spatial, teacher, work, terms_per_sample, batch, c, n,
@@ -277,7 +295,7 @@ def decoupled_gradients(spatial: torch.Tensor, channel: Optional[torch.Tensor], 
                         triton.cdiv(n, blocks['CH_BLOCK_K']) if channel is not None else 0)
     # with the spatial branch alone, its two gradients fill the channel branch's unused pointers too
     _gradient_kernel[(batch, column_blocks, branches)](
-        spatial, channel_or_spatial, teacher, work, *term_grads, *term_grads[:4 - len(term_grads)],
+        spatial, channel_or_spatial, teacher, work, *(term_grads * (4 // len(term_grads))),
         grad_spatial, grad_channel, batch, c, n,
         *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
         *map_strides(grad_spatial), *map_strides(grad_channel), **blocks)

@@ -125,6 +125,20 @@ def test_kernels_keep_the_rounding_guard(device, branch, use_kernels):
     assert torch.count_nonzero(student.grad) == 0
 
 
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # the interpreter's numpy reports the inf arithmetic
+def test_a_non_finite_map_gives_non_finite_terms(device, bad, use_kernels, monkeypatch):
+    """As on the eager path: the training loop's check reads the loss, so a NaN must not vanish in a clamp."""
+    g = torch.Generator().manual_seed(13)
+    student, teacher = (torch.randn(2, 24, 3, 3, generator=g).to(device) for _ in range(2))
+    student[1, 5, 2, 0] = bad
+    expected = eager(lambda: ufd.decoupled_losses(student, student, teacher), monkeypatch)
+    use_kernels(device)
+    got = ufd.decoupled_losses(student, student, teacher)
+    assert [bool(torch.isfinite(x)) for x in got] == [bool(torch.isfinite(x)) for x in expected] == [False] * 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='bfloat16 maps: compiled kernels only')
 def test_bfloat16_maps_on_the_gpu(use_kernels, monkeypatch):
     """Under autocast the projectors' maps are bfloat16: the kernels read them as they are, compute in float32
