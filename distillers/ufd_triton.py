@@ -57,6 +57,12 @@ def _term_and_coefficients(ss, tt, st, live_s, live_t, floor):
     return tl.maximum(term, 0.0, propagate_nan=tl.PropagateNan.ALL), a_s, a_t, b
 
 
+@triton.jit
+def _load_tile(ptr, rows, cols, ok, row_stride, col_stride):
+    """A (rows x cols) tile of one sample's map in float32, 0 where `ok` is false."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=ok, other=0.0).to(tl.float32)
+
+
 # The work buffer, per branch: the mean vectors of the student's and the teacher's map for every sample (B x K
 # each), then 3 gradient coefficients per row (B x M x 3), then 3 per sample for the DC term (B x 3). The spatial
 # branch's part comes first, the channel branch's after it. `work_size` allocates it.
@@ -90,8 +96,8 @@ def _branch_forward(s_ptr, t_ptr, work_ptr, terms_ptr, b, batch, M, K, s_sm, s_s
         for m0 in range(0, M, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             ok = (rows < M)[:, None] & col_ok[None, :]
-            sum_s += tl.load(s_ptr + rows[:, None] * s_sm + cols[None, :] * s_sk, mask=ok, other=0.0).to(tl.float32)
-            sum_t += tl.load(t_ptr + rows[:, None] * t_sm + cols[None, :] * t_sk, mask=ok, other=0.0).to(tl.float32)
+            sum_s += _load_tile(s_ptr, rows, cols, ok, s_sm, s_sk)
+            sum_t += _load_tile(t_ptr, rows, cols, ok, t_sm, t_sk)
         mu_s = tl.sum(sum_s, axis=0) / M
         mu_t = tl.sum(sum_t, axis=0) / M
         tl.store(mu_s_ptr + cols, mu_s, mask=col_ok)
@@ -118,8 +124,8 @@ def _branch_forward(s_ptr, t_ptr, work_ptr, terms_ptr, b, batch, M, K, s_sm, s_s
             ok = row_ok[:, None] & col_ok[None, :]
             mu_s = tl.load(mu_s_ptr + cols, mask=col_ok, other=0.0)
             mu_t = tl.load(mu_t_ptr + cols, mask=col_ok, other=0.0)
-            s = tl.load(s_ptr + rows[:, None] * s_sm + cols[None, :] * s_sk, mask=ok, other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + rows[:, None] * t_sm + cols[None, :] * t_sk, mask=ok, other=0.0).to(tl.float32)
+            s = _load_tile(s_ptr, rows, cols, ok, s_sm, s_sk)
+            t = _load_tile(t_ptr, rows, cols, ok, t_sm, t_sk)
             s_ac = tl.where(ok, s - mu_s[None, :], 0.0)
             t_ac = tl.where(ok, t - mu_t[None, :], 0.0)
             ss += s_ac * s_ac
@@ -174,8 +180,8 @@ def _ac_gradient_rows(s_ptr, t_ptr, ac_coef_ptr, mu_s, mu_t, m0, cols, col_ok, M
     ok = row_ok[:, None] & col_ok[None, :]
     a_s = tl.load(ac_coef_ptr + rows * 3, mask=row_ok, other=0.0)[:, None]
     coef_b = tl.load(ac_coef_ptr + rows * 3 + 2, mask=row_ok, other=0.0)[:, None]
-    s = tl.load(s_ptr + rows[:, None] * s_sm + cols[None, :] * s_sk, mask=ok, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + rows[:, None] * t_sm + cols[None, :] * t_sk, mask=ok, other=0.0).to(tl.float32)
+    s = _load_tile(s_ptr, rows, cols, ok, s_sm, s_sk)
+    t = _load_tile(t_ptr, rows, cols, ok, t_sm, t_sk)
     return tl.where(ok, a_s * (s - mu_s) + coef_b * (t - mu_t), 0.0), rows, ok
 
 
