@@ -65,17 +65,12 @@ def _load_tile(ptr, rows, cols, ok, row_stride, col_stride):
 
 # The work buffer, per branch: the mean vectors of the student's and the teacher's map for every sample (B x K
 # each), then 3 gradient coefficients per row (B x M x 3), then 3 per sample for the DC term (B x 3). The spatial
-# branch's part comes first, the channel branch's after it. `work_size` allocates it.
+# branch's part comes first, the channel branch's after it, at the offset `work_size` gives the kernels.
 @triton.jit
 def _work_pointers(work_ptr, b, batch, M, K):
     """Where sample b's mean vectors, row coefficients and DC coefficients lie in one branch's part."""
     return (work_ptr + b * K, work_ptr + batch * K + b * K, work_ptr + 2 * batch * K + b * M * 3,
             work_ptr + 2 * batch * K + 3 * batch * M + b * 3)
-
-
-@triton.jit
-def _spatial_work_size(batch, C, N):
-    return batch * (2 * C + 3 * N + 3)
 
 
 @triton.jit
@@ -153,7 +148,7 @@ def _branch_forward(s_ptr, t_ptr, work_ptr, terms_ptr, b, batch, M, K, s_sm, s_s
 
 
 @triton.jit
-def _forward_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, terms_ptr, batch, C, N,
+def _forward_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, terms_ptr, channel_work_offset, batch, C, N,
                     sp_sb, sp_sc, sp_sn, ch_sb, ch_sc, ch_sn, t_sb, t_sc, t_sn, tolerance_sq, floor,
                     WITH_GRADIENTS: tl.constexpr, SP_BLOCK_M: tl.constexpr, SP_BLOCK_K: tl.constexpr,
                     CH_BLOCK_M: tl.constexpr, CH_BLOCK_K: tl.constexpr):
@@ -165,7 +160,7 @@ def _forward_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, terms_ptr, batch, C, N,
         _branch_forward(sp_ptr + b * sp_sb, t_ptr + b * t_sb, work_ptr, terms_ptr + b * num_terms, b, batch, N, C,
                         sp_sn, sp_sc, t_sn, t_sc, tolerance_sq, floor, WITH_GRADIENTS, SP_BLOCK_M, SP_BLOCK_K)
     else:
-        _branch_forward(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + _spatial_work_size(batch, C, N),
+        _branch_forward(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + channel_work_offset,
                         terms_ptr + b * num_terms + 2, b, batch, C, N, ch_sc, ch_sn, t_sc, t_sn, tolerance_sq, floor,
                         WITH_GRADIENTS, CH_BLOCK_M, CH_BLOCK_K)
 
@@ -213,7 +208,7 @@ def _branch_gradient(s_ptr, t_ptr, work_ptr, grad_dc_ptr, grad_ac_ptr, g_ptr, b,
 
 @triton.jit
 def _gradient_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, sp_dc_grad_ptr, sp_ac_grad_ptr, ch_dc_grad_ptr, ch_ac_grad_ptr,
-                     gsp_ptr, gch_ptr, batch, C, N,
+                     gsp_ptr, gch_ptr, channel_work_offset, batch, C, N,
                      sp_sb, sp_sc, sp_sn, ch_sb, ch_sc, ch_sn, t_sb, t_sc, t_sn,
                      gsp_sb, gsp_sc, gsp_sn, gch_sb, gch_sc, gch_sn,
                      SP_BLOCK_M: tl.constexpr, SP_BLOCK_K: tl.constexpr,
@@ -228,7 +223,7 @@ def _gradient_kernel(sp_ptr, ch_ptr, t_ptr, work_ptr, sp_dc_grad_ptr, sp_ac_grad
                              sp_sn, sp_sc, t_sn, t_sc, gsp_sn, gsp_sc, SP_BLOCK_M, SP_BLOCK_K)
     else:
         if block * CH_BLOCK_K < N:
-            _branch_gradient(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + _spatial_work_size(batch, C, N),
+            _branch_gradient(ch_ptr + b * ch_sb, t_ptr + b * t_sb, work_ptr + channel_work_offset,
                              ch_dc_grad_ptr, ch_ac_grad_ptr, gch_ptr + b * gch_sb, b,
                              block * CH_BLOCK_K + tl.arange(0, CH_BLOCK_K), batch, C, N,
                              ch_sc, ch_sn, t_sc, t_sn, gch_sc, gch_sn, CH_BLOCK_M, CH_BLOCK_K)
@@ -254,11 +249,11 @@ def map_strides(x: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     return x.stride(0), x.stride(1), x.stride(3)
 
 
-def work_size(batch: int, c: int, n: int, branches: int) -> int:
-    """Floats in the work buffer (its layout is above `_work_pointers`): the spatial branch's part has K = C and
-    M = N, the channel branch's K = N and M = C."""
+def work_size(batch: int, c: int, n: int, branches: int) -> Tuple[int, int]:
+    """Floats in the work buffer (its layout is above `_work_pointers`), and where the channel branch's part
+    starts: the spatial branch's part has K = C and M = N, the channel branch's K = N and M = C."""
     spatial = batch * (2 * c + 3 * n + 3)
-    return spatial if branches == 1 else spatial + batch * (2 * n + 3 * c + 3)
+    return (spatial if branches == 1 else spatial + batch * (2 * n + 3 * c + 3)), spatial
 
 
 def _blocks(c: int, n: int, sp_caps, ch_caps):
@@ -277,10 +272,11 @@ def decoupled_terms(spatial: torch.Tensor, channel: Optional[torch.Tensor], teac
     batch, c, h, w = teacher.shape
     n, branches = h * w, 1 if channel is None else 2
     channel_or_spatial = spatial if channel is None else channel  # the kernel takes a pointer either way
-    work = torch.empty(work_size(batch, c, n, branches), device=teacher.device, dtype=torch.float32)
+    size, channel_work_offset = work_size(batch, c, n, branches)
+    work = torch.empty(size, device=teacher.device, dtype=torch.float32)
     terms_per_sample = torch.empty(batch, 2 * branches, device=teacher.device, dtype=torch.float32)
     _forward_kernel[(batch, branches)](
-        spatial, channel_or_spatial, teacher, work, terms_per_sample, batch, c, n,
+        spatial, channel_or_spatial, teacher, work, terms_per_sample, channel_work_offset, batch, c, n,
         *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
         AC_RELATIVE_TOLERANCE ** 2, SQUARED_NORM_FLOOR, WITH_GRADIENTS=with_gradients,
         **_blocks(c, n, SPATIAL_BLOCKS, CHANNEL_BLOCKS), num_warps=8)
@@ -302,7 +298,7 @@ def decoupled_gradients(spatial: torch.Tensor, channel: Optional[torch.Tensor], 
     # with the spatial branch alone, its two gradients fill the channel branch's unused pointers too
     _gradient_kernel[(batch, column_blocks, branches)](
         spatial, channel_or_spatial, teacher, work, *(term_grads * (4 // len(term_grads))),
-        grad_spatial, grad_channel, batch, c, n,
+        grad_spatial, grad_channel, work_size(batch, c, n, branches)[1], batch, c, n,
         *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
         *map_strides(grad_spatial), *map_strides(grad_channel), **blocks)
     return grad_spatial, (grad_channel if channel is not None else None)
