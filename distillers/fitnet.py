@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models.features import FeatureRequest
 
-from .base import Distiller, float32_loss
+from .base import Distiller, float32_loss, squared_error_sum
 
 
 def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -17,14 +17,14 @@ def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch
     Where the grids differ, each map is average-pooled to the smaller of the two (the common grid); equal grids
     are compared as they are, which is OFAKD's CNN->CNN case."""
     with float32_loss(student_feat.device.type):
-        student = student_feat.float()
-        teacher = teacher_feat.float()
+        student, teacher = student_feat, teacher_feat
         grid = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
         if tuple(student.shape[-2:]) != grid:
-            student = F.adaptive_avg_pool2d(student, grid)
+            student = F.adaptive_avg_pool2d(student.float(), grid)
         if tuple(teacher.shape[-2:]) != grid:
-            teacher = F.adaptive_avg_pool2d(teacher, grid)
-        return F.mse_loss(student, teacher)
+            teacher = F.adaptive_avg_pool2d(teacher.float(), grid)
+        # the mean of float32 squared errors, without float32 copies of bf16 maps (see squared_error_sum)
+        return squared_error_sum(student, teacher) / student.numel()
 
 
 class Regressor(nn.Conv2d):

@@ -7,13 +7,13 @@ import torch.nn as nn
 
 from models.features import FeatureRequest
 
-from .base import Distiller, DistillerError, float32_loss
+from .base import Distiller, DistillerError, float32_loss, squared_error_sum
 
 
 def mgd_loss(generated: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """Sum of squared errors over every element of the maps, divided by the batch size (sum-SE / B)."""
     with float32_loss(generated.device.type):
-        return (generated.float() - teacher_feat.float()).pow(2).sum() / generated.shape[0]
+        return squared_error_sum(generated, teacher_feat) / generated.shape[0]
 
 
 class Generator(nn.Sequential):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from models.features import FeatureRequest, Features, to_map, to_tokens
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .base import Distiller, DistillerError, float32_loss, hard_targets, squared_error_sum
 from .mgd import Generator
 from .nkd import nkd_loss
 
@@ -19,7 +19,7 @@ SHALLOW_BLOCKS = (0, 1)
 def vitkd_mimic_loss(student_low: torch.Tensor, teacher_low: torch.Tensor) -> torch.Tensor:
     """Shallow-layer mimicking: aligned student vs teacher tokens (B, L, N, D), sum of squared errors / B."""
     with float32_loss(student_low.device.type):
-        return (student_low.float() - teacher_low.float()).pow(2).sum() / student_low.shape[0]
+        return squared_error_sum(student_low, teacher_low) / student_low.shape[0]
 
 
 def vitkd_generation_loss(generated: torch.Tensor, teacher_high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

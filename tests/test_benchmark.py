@@ -209,6 +209,35 @@ def test_own_work_includes_teacher_modules_run_with_autograd():
         scalekd, images, labels, contextlib.nullcontext), contextlib.nullcontext)()
 
 
+def test_own_row_updates_exactly_the_methods_parameters_and_leaves_them_unchanged():
+    """The own: row ends with the optimizer's update of the method's own parameters: the distill optimizer's
+    groups (settings kept) without the student's, at learning rate 0, since those parameters are shared with the
+    distill row."""
+    from tests.test_ufd import batch, build as build_ufd, ufd_args
+    from distillers.kd import KD
+    images, labels = batch()
+    ufd = build_ufd('test_resnet', 'test_resnet')
+    args = benchmark.build_parser().parse_args(['--opt', 'adamw'])
+    optimizer = benchmark.make_optimizer(ufd, args)
+    own = benchmark.own_parameter_optimizer(optimizer, ufd, args)
+    student = {id(p) for p in ufd.student.parameters()}
+    own_params = [p for group in own.param_groups for p in group['params']]
+    assert {id(p) for p in own_params} == {id(p) for p in ufd.parameters() if p.requires_grad} - student
+    assert type(own) is type(optimizer) and all(group['lr'] == 0 for group in own.param_groups)
+    # weight decay as in the distill step: projector weights decayed, biases, norms and query tokens not
+    decay = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+    assert all(group['weight_decay'] == decay[id(p)] for group in own.param_groups for p in group['params'])
+    assert {group['weight_decay'] for group in own.param_groups} == {0.0, 2e-5}
+    before = [p.detach().clone() for p in own_params]
+    calls = benchmark.capture_own_module_calls(ufd, images, labels, contextlib.nullcontext)
+    benchmark.own_modules_step_fn(ufd, calls, contextlib.nullcontext, own)()
+    assert len(own.state) == len(own_params)  # the update ran on every own parameter (AdamW's moments exist)
+    assert all(torch.equal(b, p) for b, p in zip(before, own_params))
+    assert all(p.grad is None for p in own_params)
+    kd = KD(ufd.student, ufd.teacher, torch.nn.CrossEntropyLoss(), ufd_args(), (3, 64, 64))
+    assert benchmark.own_parameter_optimizer(benchmark.make_optimizer(kd, args), kd, args) is None
+
+
 def test_op_counter_counts_operations_not_views():
     x = torch.randn(4, 6, requires_grad=True)
     assert benchmark.count_ops(lambda: (x * 2).view(24).sum()) == 2  # mul, sum; the view is free

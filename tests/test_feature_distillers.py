@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillers import DISTILLERS, DistillerError, add_distiller_args
+from distillers.base import squared_error_sum
 from distillers.fitnet import fitnet_loss
 from distillers.mgd import mgd_loss
 from distillers.nkd import nkd_loss
@@ -175,6 +176,45 @@ def test_mgd_loss_value():
     generated = torch.tensor([1., 2., 3., 4.]).view(2, 1, 1, 2)
     # (1 + 4 + 9 + 16) / B, B = 2; no division by C, H or W
     assert mgd_loss(generated, torch.zeros(2, 1, 1, 2)).item() == pytest.approx(15.0)
+
+
+def test_squared_error_sum_value_and_gradients():
+    student = torch.tensor([[1., 2.], [3., 4.]]).view(1, 1, 2, 2).requires_grad_()
+    teacher = torch.tensor([[0., 1.], [1., 0.]]).view(1, 1, 2, 2).requires_grad_()
+    value = squared_error_sum(student, teacher)
+    assert value.item() == pytest.approx(1 + 1 + 4 + 16)
+    (3 * value).backward()  # d/ds = 2 g (s - t), d/dt its negative
+    assert student.grad.flatten().tolist() == [6., 6., 12., 24.]
+    assert teacher.grad.flatten().tolist() == [-6., -6., -12., -24.]
+    s64 = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    t64 = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(squared_error_sum, (s64, t64))
+    with pytest.raises(ValueError, match=r'\(2, 3, 4, 5\) and \(2, 3, 4, 4\)'):
+        squared_error_sum(s64, t64[..., :4])
+
+
+@pytest.mark.parametrize('teacher_dtype', [torch.float32, torch.bfloat16])
+def test_squared_error_sum_of_bf16_maps_is_float32_math(teacher_dtype):
+    """The student's bf16 map (channels_last, as under autocast) against a float32 or bf16 teacher map: the value is
+    the float32 sum of the widened maps, the student's gradient is the float32 gradient rounded once to bf16, in
+    the student's layout, and a teacher that needs no gradient gets none."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 8, 5, 5, generator=g).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    teacher = torch.randn(2, 8, 5, 5, generator=g).to(teacher_dtype)
+    value = squared_error_sum(student, teacher)
+    widened = student.detach().float().requires_grad_()
+    reference = (widened - teacher.float()).pow(2).sum()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6)
+    (0.5 * value).backward()
+    (0.5 * reference).backward()
+    assert student.grad.dtype == torch.bfloat16 and student.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(student.grad, widened.grad.to(torch.bfloat16))
+    assert teacher.grad is None
+    # fitnet's mean and mgd's sum / B rest on it
+    assert fitnet_loss(student, teacher).item() == pytest.approx(reference.item() / student.numel(), rel=1e-6)
+    assert mgd_loss(student, teacher).item() == pytest.approx(reference.item() / 2, rel=1e-6)
 
 
 def test_srrl_loss_value_and_zero_at_equality():
