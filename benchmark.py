@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ UFD-KD benchmark: what distillation costs per training step, and what it buys at small scale.
 
-In the tradition of timm's benchmark.py. Three modes (`--bench`):
+In the tradition of timm's benchmark.py. Four modes (`--bench`):
 
 - `train` (default): the speed of the distillation train step of each `--distiller` (one, several or `all`)
   against the student trained alone, the teacher's forward as the distiller runs it, and timm's
@@ -19,6 +19,14 @@ In the tradition of timm's benchmark.py. Three modes (`--bench`):
   the time at these shapes) and the largest relative difference of the four terms.
 
       python benchmark.py --bench ufd-loss
+
+- `loader`: train.py's training loader alone (the same dataset, augmentation and per-sample seeding, built from
+  `--train-args` and the data flags) for each `--loader-workers` count, over two epochs, with pinned memory on
+  and off on CUDA: img/s, to compare with the train step's, and each epoch's first-batch wait. Without a
+  dataset it reads a generated folder of ImageNet-sized JPEGs.
+
+      python benchmark.py --bench loader -b 128 --loader-workers 0 4 8 16
+      python benchmark.py --bench loader --data-dir /data/imagenet --train-args "--aa rand-m9-mstd0.5"
 
 - `results`: the small-scale results table. Trains through train.py (subprocesses, the commands users run) the
   teacher once, each student alone (vanilla), and each student with every distiller its pair supports: logit
@@ -99,7 +107,7 @@ QUICK_EPOCHS = 4
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--bench', default='train', choices=['train', 'ufd-loss', 'results'],
+    parser.add_argument('--bench', default='train', choices=['train', 'ufd-loss', 'loader', 'results'],
                         help='what to measure (default: train)')
     group = parser.add_argument_group('Train-step benchmark (--bench train)')
     group.add_argument('--model', default='resnet18', help='student model (timm name) (default: resnet18)')
@@ -153,6 +161,12 @@ def build_parser():
     group.add_argument('--ufd-grids', type=int, nargs='+', default=[7, 14], metavar='S',
                        help='square map sizes (default: 7 14)')
 
+    group = parser.add_argument_group('Data loading benchmark (--bench loader)')
+    group.add_argument('--loader-workers', type=int, nargs='+', default=None, metavar='N',
+                       help='loader processes to try, as train.py --workers (default: 0 and one per available core)')
+    group.add_argument('--loader-batches', type=int, default=10, metavar='N',
+                       help='timed batches per epoch, after each epoch\'s first (default: 10)')
+
     group = parser.add_argument_group('Results table (--bench results)')
     group.add_argument('--quick', action='store_true', default=False,
                        help='one seed and fewer epochs (about 10 minutes on 2 CPU cores)')
@@ -175,7 +189,8 @@ def build_parser():
                        help='train.py processes at once, each with cpus/jobs threads (default: min(2, cpus))')
     group.add_argument('--output', default='', metavar='DIR', help='run folders (default: output/results)')
     group.add_argument('--train-args', default='', metavar='"ARGS"',
-                       help='extra train.py arguments for every run, e.g. "--synthetic-train-size 256"')
+                       help='extra train.py arguments for every run, e.g. "--synthetic-train-size 256"; with '
+                            '--bench loader, the augmentation and data flags of the loader')
     group.add_argument('--rerun', action='store_true', default=False,
                        help='train again even where a finished run with the same command exists')
     add_distiller_args(parser.add_argument_group('Method parameters (as train.py)'))
@@ -1047,6 +1062,107 @@ def print_ufd_rows(rows, machine):
              'step whose GPU is busy).' if gpu else ''))
 
 
+# ==================================================================================================== loader bench
+def bench_loader(args):
+    """train.py's training loader alone (its dataset, augmentation, sampler and per-sample seeding, built from the
+    same flags), timed over two epochs for each --loader-workers value, with and without pinned memory on CUDA,
+    batches copied to the device as train.py does. Without --dataset/--data-dir it reads a generated folder of
+    ImageNet-sized JPEGs (data.synthetic.write_jpeg_folder). The loader keeps up when its img/s is at least the
+    train step's (--bench train)."""
+    import tempfile
+    import timm
+    from timm.data import resolve_data_config
+    import train as train_script
+    from data import DatasetError, create_datasets
+    from data.loader import build_train_transform, create_train_loader
+    from data.synthetic import write_jpeg_folder
+
+    device = resolve_device(args.device)
+    batch_size = args.batch_size or 32
+    img_size = args.img_size or 224
+    if args.loader_batches < 1 or batch_size < 1:
+        raise SystemExit('benchmark.py: error: --loader-batches and --batch-size must be at least 1')
+    workers_list = args.loader_workers if args.loader_workers is not None else [0, len(os.sched_getaffinity(0))]
+    if min(workers_list) < 0:
+        raise SystemExit(f'benchmark.py: error: --loader-workers takes counts of 0 or more, got {workers_list}')
+    pin_choices = (False, True) if device.type == 'cuda' else (False,)  # pinning needs an accelerator
+    with tempfile.TemporaryDirectory(prefix='ufdkd-loader-') as tmp:
+        if args.dataset or args.data_dir:
+            data_argv = (['--dataset', args.dataset] if args.dataset else []) + \
+                        (['--data-dir', args.data_dir] if args.data_dir else [])
+            source = args.dataset or args.data_dir
+        else:
+            # each epoch: one untimed batch (the workers' start), then the timed ones
+            write_jpeg_folder(tmp, batch_size * (args.loader_batches + 1), 4)
+            data_argv = ['--data-dir', tmp]
+            source = 'generated JPEG folder (500x375)'
+        argv = shlex.split(args.train_args) + data_argv + ['--model', args.model, '--img-size', str(img_size),
+                                                            '-b', str(batch_size)]
+        try:
+            targs, _ = train_script.parse_args(argv)
+            pretrained_cfg = timm.models.get_pretrained_cfg(args.model)
+            data_args = vars(targs).copy()
+            data_args['input_size'] = (3, img_size, img_size)
+            data_config = resolve_data_config(data_args, pretrained_cfg=pretrained_cfg.to_dict()
+                                              if pretrained_cfg is not None else {}, verbose=False)
+            targs.input_size = tuple(data_config['input_size'])
+            dataset, _, _ = create_datasets(targs)
+            transform = build_train_transform(targs, data_config)
+        except (train_script.UsageError, DatasetError) as e:
+            raise SystemExit(f'benchmark.py: error: {e}')
+
+        rows = []
+        for workers in workers_list:
+            for pin_memory in pin_choices:
+                try:
+                    loader = create_train_loader(dataset, transform, batch_size, targs.seed, workers,
+                                                 pin_memory=pin_memory)
+                except ValueError as e:
+                    raise SystemExit(f'benchmark.py: error: {e}')
+                timed = min(args.loader_batches, loader.sampler.batches_per_epoch() - 1)
+                if timed < 1:
+                    raise SystemExit(f'benchmark.py: error: {source} has {len(dataset)} training images, fewer '
+                                     f'than two batches of {batch_size}; lower --batch-size')
+                first_batch_s, images_seen, timed_s = [], 0, 0.0
+                for epoch in range(2):
+                    loader.sampler.set_epoch(epoch)
+                    start = time.perf_counter()
+                    batches = iter(loader)
+                    images, labels = next(batches)
+                    images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    synchronize(device)
+                    first_batch_s.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    for _ in range(timed):
+                        images, labels = next(batches)
+                        images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                        images_seen += images.shape[0]
+                    synchronize(device)
+                    timed_s += time.perf_counter() - start
+                    del batches
+                del loader  # ends the persistent workers
+                rows.append(OrderedDict(
+                    source=source, model=args.model, batch_size=batch_size, img_size=img_size, device=str(device),
+                    workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                    img_per_sec=round(images_seen / timed_s, 1), batch_ms=round(timed_s * 1000 / (2 * timed), 1),
+                    first_batch_s_epoch1=round(first_batch_s[0], 3), first_batch_s_epoch2=round(first_batch_s[1], 3),
+                    timed_batches=2 * timed))
+    return rows, device
+
+
+def print_loader_rows(rows, machine):
+    print(f'\nMachine: {machine}')
+    print(f'Data: {rows[0]["source"]}, batch {rows[0]["batch_size"]} at {rows[0]["img_size"]} px, train.py\'s '
+          f'augmentation for {rows[0]["model"]}')
+    header = ['workers', 'pin memory', 'img/s', 'ms/batch', 'first batch s (epoch 1 / 2)']
+    table = [[str(r['workers']), 'yes' if r['pin_memory'] else 'no', fmt_num(r['img_per_sec'], '.1f'),
+              fmt_num(r['batch_ms'], '.1f'),
+              f'{r["first_batch_s_epoch1"]:.3f} / {r["first_batch_s_epoch2"]:.3f}'] for r in rows]
+    print(markdown_table(header, table))
+    print('\nThe loader keeps up when its img/s is at least the train step\'s (benchmark.py --bench train). With '
+          'workers, they persist across epochs, so epoch 2\'s first batch does not wait for processes to start.')
+
+
 # ==================================================================================================== results table
 DEMO_DIR = REPO / 'configs' / 'demo'
 
@@ -1358,6 +1474,9 @@ def main(argv=None):
         if args.bench == 'ufd-loss':
             rows, device = bench_ufd_loss(args)
             print_ufd_rows(rows, machine_description(device))
+        elif args.bench == 'loader':
+            rows, device = bench_loader(args)
+            print_loader_rows(rows, machine_description(device, threads=False))
         else:
             rows, device = bench_train(args)
             print_train_rows(rows, machine_description(device))

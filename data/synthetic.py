@@ -12,6 +12,7 @@ Everything is drawn from one torch.Generator seeded by `seed`, so a (seed, split
 same images; the train and val splits share the class definitions and differ in their samples.
 """
 import math
+import os
 
 import torch
 from PIL import Image
@@ -100,3 +101,24 @@ class SyntheticImageDataset(Dataset):
 
     def filenames(self, basename=False, absolute=False):
         return [self.filename(i) for i in range(len(self))]
+
+
+def write_jpeg_folder(root, train_images: int, val_images: int, num_classes: int = 4, size=(500, 375),
+                      seed: int = 0, quality: int = 90):
+    """Write an ImageNet-style folder (`root/train/<class>/*.jpg`, `root/val/<class>/*.jpg`) of smooth random JPEGs.
+
+    For timing data loading when no dataset is at hand (`benchmark.py --bench loader`): what a real loader
+    spends its time on is decoding JPEGs of ImageNet's typical size (500x375) and resizing them, so the images
+    have that size and a photo-like file size (a bicubic upsampling of a coarse random image plus mild noise,
+    about 60 KB at quality 90; pure noise would compress far worse than photos and decode slower)."""
+    gen = torch.Generator().manual_seed(seed)
+    width, height = size
+    for split, count in (('train', train_images), ('val', val_images)):
+        for i in range(count):
+            folder = os.path.join(root, split, f'class{i % num_classes}')
+            os.makedirs(folder, exist_ok=True)
+            coarse = torch.rand(1, 3, max(height // 24, 1), max(width // 24, 1), generator=gen) * 255
+            img = torch.nn.functional.interpolate(coarse, size=(height, width), mode='bicubic', align_corners=False)
+            img = img[0] + 8 * torch.randn(3, height, width, generator=gen)
+            pixels = img.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+            Image.fromarray(pixels).save(os.path.join(folder, f'{i:06d}.jpg'), quality=quality)

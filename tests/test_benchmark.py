@@ -1,4 +1,5 @@
 """benchmark.py: its three modes run end to end on tiny settings, and the pieces its numbers rest on are right."""
+import argparse
 import contextlib
 import csv
 import json
@@ -185,6 +186,50 @@ def test_ufd_loss_bench(tmp_path):
     for fwd, fwd_bwd in (rows[:2], rows[2:]):
         for key in ('closed_form_ops', 'dct_ops'):
             assert 0 < int(fwd[key]) < int(fwd_bwd[key])
+
+
+@pytest.mark.e2e
+def test_loader_bench_times_train_py_loader_on_generated_jpegs(tmp_path):
+    out = tmp_path / 'loader.json'
+    proc = run_script('benchmark.py', '--bench', 'loader', '-b', '4', '--img-size', '32', '--loader-batches', '2',
+                      '--loader-workers', '0', '1', '--device', 'cpu', '--train-args', '--hflip 0 --seed 3',
+                      '--results-file', out)
+    assert 'img/s' in proc.stdout and 'generated JPEG folder' in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r['workers'], r['pin_memory'], r['persistent_workers']) for r in rows] == [(0, False, False),
+                                                                                      (1, False, True)]
+    for r in rows:
+        assert r['img_size'] == 32 and r['batch_size'] == 4 and r['timed_batches'] == 4  # 2 per epoch, 2 epochs
+        assert r['first_batch_s_epoch1'] > 0 and r['first_batch_s_epoch2'] > 0
+        # img/s and ms/batch are the same timing: their product is the batch size
+        assert r['img_per_sec'] * r['batch_ms'] / 1000 == pytest.approx(4, rel=0.02)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('train_args, message', [
+    ('--bogus-flag 1', 'unknown flag --bogus-flag'),
+    ('--synthetic-train-size 6', 'has 6 training images, fewer than two batches of 4; lower --batch-size'),
+])
+def test_loader_bench_errors_are_one_clear_sentence(tmp_path, train_args, message):
+    proc = run_script('benchmark.py', '--bench', 'loader', '--dataset', 'synthetic', '-b', '4', '--img-size', '32',
+                      '--loader-workers', '0', '--device', 'cpu', '--train-args', train_args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_generated_jpeg_folder_is_an_imagenet_style_dataset(tmp_path):
+    from PIL import Image
+    from data import create_datasets
+    from data.synthetic import write_jpeg_folder
+    write_jpeg_folder(tmp_path, 6, 3, num_classes=3, size=(50, 40))
+    assert sorted(p.name for p in (tmp_path / 'train').iterdir()) == ['class0', 'class1', 'class2']
+    files = sorted((tmp_path / 'train').rglob('*.jpg'))
+    assert len(files) == 6 and len(list((tmp_path / 'val').rglob('*.jpg'))) == 3
+    with Image.open(files[0]) as img:
+        assert img.format == 'JPEG' and img.size == (50, 40) and img.mode == 'RGB'
+    args = argparse.Namespace(dataset='', data_dir=str(tmp_path), train_split='train', val_split='val')
+    train, val, classes = create_datasets(args)
+    assert (len(train), len(val), classes) == (6, 3, 3)
 
 
 def test_own_work_includes_teacher_modules_run_with_autograd():
