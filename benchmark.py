@@ -482,19 +482,43 @@ def capture_own_module_calls(distiller, images, labels, amp_autocast):
 
 def own_parameter_optimizer(optimizer, distiller, args):
     """An optimizer of the same kind over the method's own parameters only (the distill step's parameter groups
-    without the student's, each group's settings kept), at learning rate 0: its step does all the work of theirs
-    in the distill step and leaves the parameters, which the `own:` row shares with the distill row, unchanged.
-    None when the method has no trainable parameters of its own."""
+    without the student's, each group's settings kept), run at learning rate 0: its step does all the work of
+    theirs in the distill step and leaves the parameters, which the `own:` row shares with the distill row,
+    unchanged. It is built at --lr (some timm optimizers refuse 0) and set to 0 after. None when the method has
+    no trainable parameters of its own, or when one update at learning rate 0 moves them (MADGRAD steps with
+    lr + eps): the row then times the modules without their update, with a warning."""
     student = {id(p) for p in distiller.student.parameters()}
     groups = []
     for group in optimizer.param_groups:
         params = [p for p in group['params'] if id(p) not in student]
         if params:
-            groups.append({**{k: v for k, v in group.items() if k != 'params'}, 'params': params, 'lr': 0.0})
+            groups.append({**{k: v for k, v in group.items() if k != 'params'}, 'params': params})
     if not groups:
         return None
     from timm.optim import create_optimizer_v2
-    return create_optimizer_v2(groups, opt=args.opt, lr=0.0, weight_decay=2e-5, momentum=0.9)
+
+    def build():
+        own = create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=2e-5, momentum=0.9)
+        for group in own.param_groups:
+            group['lr'] = 0.0
+        return own
+
+    params = [p for group in groups for p in group['params']]
+    saved = [p.detach().clone() for p in params]
+    trial = build()
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    trial.step()
+    moved = any(not torch.equal(p, before) for p, before in zip(params, saved))
+    with torch.no_grad():
+        for p, before in zip(params, saved):
+            p.copy_(before)
+            p.grad = None
+    if moved:
+        _logger.warning(f'--opt {args.opt} changes parameters at learning rate 0, so the own: rows time the '
+                        f'method\'s modules without the update of their parameters')
+        return None
+    return build()
 
 
 def own_modules_step_fn(distiller, calls, amp_autocast, optimizer=None):
@@ -1077,39 +1101,61 @@ def bench_loader(args):
     from data.loader import build_train_transform, create_train_loader
     from data.synthetic import write_jpeg_folder
 
+    def fail(message):
+        raise SystemExit(f'benchmark.py: error: {message}')
+
     device = resolve_device(args.device)
-    batch_size = args.batch_size or 32
-    img_size = args.img_size or 224
-    if args.loader_batches < 1 or batch_size < 1:
-        raise SystemExit('benchmark.py: error: --loader-batches and --batch-size must be at least 1')
+    if args.loader_batches < 1:
+        fail(f'--loader-batches must be at least 1, not {args.loader_batches}')
     workers_list = args.loader_workers if args.loader_workers is not None else [0, len(os.sched_getaffinity(0))]
     if min(workers_list) < 0:
-        raise SystemExit(f'benchmark.py: error: --loader-workers takes counts of 0 or more, got {workers_list}')
+        fail(f'--loader-workers takes counts of 0 or more, got {workers_list}')
     pin_choices = (False, True) if device.type == 'cuda' else (False,)  # pinning needs an accelerator
+    try:
+        train_argv = shlex.split(args.train_args)
+    except ValueError as e:
+        fail(f'--train-args {args.train_args!r} cannot be split into arguments ({e})')
+    data_argv = (['--dataset', args.dataset] if args.dataset else []) + \
+                (['--data-dir', args.data_dir] if args.data_dir else [])
+    # the benchmark's flags first: the same flag in --train-args wins, as it would on train.py's command line
+    base_argv = ['--model', args.model, '-b', str(args.batch_size or 32), '--img-size', str(args.img_size or 224)]
+    try:
+        targs, _ = train_script.parse_args(base_argv + data_argv + train_argv)
+    except train_script.UsageError as e:
+        fail(e)
+    if not timm.is_model(targs.model):
+        fail(f'unknown model {targs.model!r}: not in the timm registry nor in models/')
+    batch_size = targs.batch_size
+    if batch_size < 1:
+        fail(f'--batch-size must be at least 1, not {batch_size}')
+    # the data config as train.py resolves it: the student's pretrained config, overridden by the size flags
+    pretrained_cfg = timm.models.get_pretrained_cfg(targs.model)
+    data_args = vars(targs).copy()
+    if not targs.input_size:
+        data_args['input_size'] = (3, targs.img_size, targs.img_size)
+    data_config = resolve_data_config(data_args, pretrained_cfg=pretrained_cfg.to_dict()
+                                      if pretrained_cfg is not None else {}, verbose=False)
+    targs.input_size = tuple(data_config['input_size'])
+    img_size = targs.input_size[-1]
     with tempfile.TemporaryDirectory(prefix='ufdkd-loader-') as tmp:
-        if args.dataset or args.data_dir:
-            data_argv = (['--dataset', args.dataset] if args.dataset else []) + \
-                        (['--data-dir', args.data_dir] if args.data_dir else [])
+        if data_argv:
             source = args.dataset or args.data_dir
         else:
-            # each epoch: one untimed batch (the workers' start), then the timed ones
-            write_jpeg_folder(tmp, batch_size * (args.loader_batches + 1), 4)
-            data_argv = ['--data-dir', tmp]
+            # each epoch: one untimed batch (the workers' start), then the timed ones; every class in both splits
+            train_images = batch_size * (args.loader_batches + 1)
+            classes = min(4, train_images)
+            write_jpeg_folder(tmp, train_images, classes, num_classes=classes)
+            targs.data_dir = tmp
             source = 'generated JPEG folder (500x375)'
-        argv = shlex.split(args.train_args) + data_argv + ['--model', args.model, '--img-size', str(img_size),
-                                                            '-b', str(batch_size)]
         try:
-            targs, _ = train_script.parse_args(argv)
-            pretrained_cfg = timm.models.get_pretrained_cfg(args.model)
-            data_args = vars(targs).copy()
-            data_args['input_size'] = (3, img_size, img_size)
-            data_config = resolve_data_config(data_args, pretrained_cfg=pretrained_cfg.to_dict()
-                                              if pretrained_cfg is not None else {}, verbose=False)
-            targs.input_size = tuple(data_config['input_size'])
             dataset, _, _ = create_datasets(targs)
+        except DatasetError as e:
+            fail(e)
+        try:
             transform = build_train_transform(targs, data_config)
-        except (train_script.UsageError, DatasetError) as e:
-            raise SystemExit(f'benchmark.py: error: {e}')
+        except (AssertionError, ValueError, KeyError) as e:
+            fail(f'the training augmentation cannot be built (--aa {targs.aa!r}, --remode {targs.remode!r}): '
+                 f'{e or type(e).__name__}')
 
         rows = []
         for workers in workers_list:
@@ -1118,14 +1164,17 @@ def bench_loader(args):
                     loader = create_train_loader(dataset, transform, batch_size, targs.seed, workers,
                                                  pin_memory=pin_memory)
                 except ValueError as e:
-                    raise SystemExit(f'benchmark.py: error: {e}')
-                timed = min(args.loader_batches, loader.sampler.batches_per_epoch() - 1)
+                    fail(e)
+                per_epoch = loader.sampler.batches_per_epoch()
+                timed = min(args.loader_batches, per_epoch - 1)
                 if timed < 1:
-                    raise SystemExit(f'benchmark.py: error: {source} has {len(dataset)} training images, fewer '
-                                     f'than two batches of {batch_size}; lower --batch-size')
+                    fail(f'{source} has {len(dataset)} training images, fewer than two batches of {batch_size}; '
+                         f'lower --batch-size')
                 first_batch_s, images_seen, timed_s = [], 0, 0.0
                 for epoch in range(2):
-                    loader.sampler.set_epoch(epoch)
+                    # each epoch ends at its last timed batch (a mid-epoch start, as train.py resumes): persistent
+                    # workers would otherwise make epoch 2 wait for epoch 1's left-over prefetched batches
+                    loader.sampler.set_epoch(epoch, start_batch=per_epoch - (timed + 1))
                     start = time.perf_counter()
                     batches = iter(loader)
                     images, labels = next(batches)
@@ -1142,7 +1191,7 @@ def bench_loader(args):
                     del batches
                 del loader  # ends the persistent workers
                 rows.append(OrderedDict(
-                    source=source, model=args.model, batch_size=batch_size, img_size=img_size, device=str(device),
+                    source=source, model=targs.model, batch_size=batch_size, img_size=img_size, device=str(device),
                     workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                     img_per_sec=round(images_seen / timed_s, 1), batch_ms=round(timed_s * 1000 / (2 * timed), 1),
                     first_batch_s_epoch1=round(first_batch_s[0], 3), first_batch_s_epoch2=round(first_batch_s[1], 3),

@@ -206,9 +206,24 @@ def test_loader_bench_times_train_py_loader_on_generated_jpegs(tmp_path):
 
 
 @pytest.mark.e2e
+def test_loader_bench_takes_train_py_flags_from_train_args(tmp_path):
+    """The same flag in --train-args wins over the benchmark's, as on train.py's command line; a dataset larger
+    than the timed batches is read from a mid-epoch start, so each epoch ends at its last timed batch."""
+    out = tmp_path / 'loader.json'
+    run_script('benchmark.py', '--bench', 'loader', '--dataset', 'synthetic', '-b', '4', '--img-size', '32',
+               '--loader-batches', '2', '--loader-workers', '1', '--device', 'cpu',
+               '--train-args=-b 3 --img-size 24 --synthetic-train-size 60', '--results-file', out)
+    row, = json.loads(out.read_text())
+    assert (row['batch_size'], row['img_size'], row['timed_batches'], row['source']) == (3, 24, 4, 'synthetic')
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize('train_args, message', [
     ('--bogus-flag 1', 'unknown flag --bogus-flag'),
     ('--synthetic-train-size 6', 'has 6 training images, fewer than two batches of 4; lower --batch-size'),
+    ('--aa bogus', "the training augmentation cannot be built (--aa 'bogus'"),
+    ('--hflip "0.5', 'cannot be split into arguments'),
+    ('--model no_such_net', "unknown model 'no_such_net'"),
 ])
 def test_loader_bench_errors_are_one_clear_sentence(tmp_path, train_args, message):
     proc = run_script('benchmark.py', '--bench', 'loader', '--dataset', 'synthetic', '-b', '4', '--img-size', '32',
@@ -281,6 +296,29 @@ def test_own_row_updates_exactly_the_methods_parameters_and_leaves_them_unchange
     assert all(p.grad is None for p in own_params)
     kd = KD(ufd.student, ufd.teacher, torch.nn.CrossEntropyLoss(), ufd_args(), (3, 64, 64))
     assert benchmark.own_parameter_optimizer(benchmark.make_optimizer(kd, args), kd, args) is None
+
+
+@pytest.mark.parametrize('opt', ['adamc', 'sgdc', 'madgrad'])
+def test_own_row_optimizer_never_moves_the_shared_parameters(opt, caplog):
+    """Optimizers that refuse a learning rate of 0 at construction (timm's corrected-decay ones) are built at --lr
+    and set to 0; one whose lr-0 step still moves parameters (MADGRAD: lr + eps) gets no update row, with a
+    warning, and the trial step is undone."""
+    from tests.test_ufd import batch, build as build_ufd
+    images, labels = batch()
+    ufd = build_ufd('test_resnet', 'test_resnet')
+    args = benchmark.build_parser().parse_args(['--opt', opt])
+    before = {n: p.detach().clone() for n, p in ufd.named_parameters()}
+    own = benchmark.own_parameter_optimizer(benchmark.make_optimizer(ufd, args), ufd, args)
+    if opt == 'madgrad':
+        assert own is None and 'changes parameters at learning rate 0' in caplog.text
+    else:
+        assert own is not None and all(group['lr'] == 0 for group in own.param_groups)
+        calls = benchmark.capture_own_module_calls(ufd, images, labels, contextlib.nullcontext)
+        step = benchmark.own_modules_step_fn(ufd, calls, contextlib.nullcontext, own)
+        step()
+        step()
+        assert own.state
+    assert all(torch.equal(before[n], p) and p.grad is None for n, p in ufd.named_parameters())
 
 
 def test_op_counter_counts_operations_not_views():
