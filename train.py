@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -40,7 +40,8 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad, init_distributed_device
 import models  # noqa: F401  (registers the CIFAR models in timm)
 from data import DatasetError, create_datasets
 from data.errors import user_message
-from data.loader import build_eval_transform, build_train_transform, create_eval_loader, create_train_loader
+from data.loader import (build_eval_transform, build_train_transform, create_eval_loader, create_train_loader,
+                         student_data_config)
 from distillers import DISTILLERS, DistillerError, add_distiller_args, get_distiller_class
 from models.checkpoint import (CHECKPOINT_VERSION, CheckpointError, atomic_copy, atomic_save, file_sha256,
                                load_checkpoint_file, load_model_weights)
@@ -774,7 +775,6 @@ def main(argv=None):
     student_kwargs = parse_kwargs(args.model_kwargs, '--model-kwargs')
     if args.num_classes is None and (args.dataset or '').lower() == 'synthetic':
         args.num_classes = args.synthetic_classes
-    in_size = tuple(args.input_size) if args.input_size else ((args.img_size, args.img_size) if args.img_size else None)
     pretrained_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
     # the dataset decides the class count; it is resolved before the models are built
     student_probe_args = dict(pretrained=args.pretrained, drop_rate=args.drop, **student_kwargs)
@@ -791,12 +791,7 @@ def main(argv=None):
     import timm
     if not timm.is_model(args.model):
         raise ModelError(f'unknown model {args.model!r}: not in the timm registry nor in models/')
-    pretrained_cfg = timm.models.get_pretrained_cfg(args.model)
-    cfg_dict = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
-    data_args = vars(args).copy()
-    if in_size is not None and not args.input_size:
-        data_args['input_size'] = (3, *in_size)
-    data_config = resolve_data_config(data_args, pretrained_cfg=cfg_dict, verbose=False)
+    data_config = student_data_config(args)
     input_size = tuple(data_config['input_size'])
     args.input_size_resolved = input_size
 
@@ -892,9 +887,8 @@ def main(argv=None):
     random.seed(args.seed + args.rank)
     try:
         train_transform = build_train_transform(args, data_config)
-    except (AssertionError, ValueError, KeyError) as e:
-        raise UsageError(f'the training augmentation cannot be built (--aa {args.aa!r}, --remode {args.remode!r}):'
-                         f' {e or type(e).__name__}') from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     eval_transform = build_eval_transform(data_config)
     collate_fn = None
     mixup_fn = None

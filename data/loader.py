@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from timm.data import create_transform
+import timm
+from timm.data import create_transform, resolve_data_config
 
 from .errors import DatasetError
 
@@ -123,7 +124,28 @@ class SeededTransformDataset(Dataset):
         return img, target
 
 
+def student_data_config(args) -> dict:
+    """timm's data config (input size, mean, std, interpolation, crop) for the student `args.model`: its pretrained
+    config, overridden by --input-size / --img-size and the other data flags. train.py and benchmark.py's loader
+    bench both resolve it here."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(args.model)
+    data_args = vars(args).copy()
+    if args.img_size and not args.input_size:
+        data_args['input_size'] = (3, args.img_size, args.img_size)
+    return resolve_data_config(data_args, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg is not None
+                               else {}, verbose=False)
+
+
 def build_train_transform(args, data_config):
+    """timm's training transform from the augmentation flags; a setting timm rejects is a ValueError naming it."""
+    try:
+        return _train_transform(args, data_config)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise ValueError(f'the training augmentation cannot be built (--aa {args.aa!r}, --remode {args.remode!r}): '
+                         f'{e or type(e).__name__}') from None
+
+
+def _train_transform(args, data_config):
     return create_transform(
         data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
         hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
