@@ -53,11 +53,17 @@ Ratios reported by `train`:
   optimizer's update of the method's own parameters (the same optimizer and groups, learning rate 0). Teacher
   modules that a method runs with autograd on (ScaleKD's teacher last stage) count as its own work, as in `net`.
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
+- `rest_ops`, `rest_bytes`, `rest_top`: what `net_timed` leaves above 1.00, counted rather than timed. One more
+  step of the distill row and of its parts (student step, teacher forward, own: row) runs under an OpLedger; the
+  rest is the tensor operations, and the bytes of their arguments and results, that the distill step dispatches
+  beyond the sum of its parts (loss math, gradient sums, casts), and `rest_top` names the three largest. Counts
+  do not depend on the machine's speed, so the CPU can say what a step will add on a GPU.
 The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
 as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
 synchronizing in one step (`.item()`, boolean-mask indexing, `nonzero`): a step should have none.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -145,6 +151,9 @@ def build_parser():
                        help='do not time timm\'s LogitDistillationTask')
     group.add_argument('--no-flops', action='store_true', default=False, help='skip the FLOP counts')
     group.add_argument('--no-memory', action='store_true', default=False, help='skip the peak-memory pass')
+    group.add_argument('--no-ledger', action='store_true', default=False,
+                       help='skip the rest columns (the operations and bytes a distill step dispatches beyond its '
+                            'parts, counted in one more step of each)')
     group.add_argument('--gt-loss-weight', type=float, default=None, help='as train.py')
     group.add_argument('--kd-loss-weight', type=float, default=None, help='as train.py')
     group.add_argument('--teacher-train-mode', action='store_true', default=False, help='as train.py')
@@ -305,6 +314,71 @@ class PeakMemory:
         base = self._status('VmRSS:')
         fn()
         return max(self._status('VmHWM:') - base, 0)
+
+
+class OpLedger(TorchDispatchMode):
+    """The tensor operations a piece of code dispatches, by name: how many (views excluded), and the bytes of
+    the distinct tensors they read and write (allocations, which touch no memory, excluded). On a GPU each operation is
+    at least one kernel launch, and for the elementwise and reduction work a loss adds, the bytes its kernels read
+    and write set the time. Counted on any device, so the CPU can say what a step will ask of a GPU."""
+
+    # factory ops that only allocate: their results are written by the next operation, which counts them
+    ALLOCATIONS = ('empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided')
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.bytes = collections.Counter()
+
+    @property
+    def count(self):
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view:
+            self.ops[name] += 1
+            if name not in self.ALLOCATIONS:
+                self.bytes[name] += self.touched_bytes(func, (args, kwargs), out)
+        return out
+
+    @staticmethod
+    def touched_bytes(func, inputs, out):
+        """Each distinct tensor once (an `out=` tensor is an argument and the result, and is only written), and
+        the tensor an in-place operation changes once more (it is read and written)."""
+        seen, total = set(), 0
+        for t in tree_leaves((inputs, out)):
+            if isinstance(t, torch.Tensor):
+                key = (t.data_ptr(), t.numel(), t.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    total += t.numel() * t.element_size()
+        if func._schema.name.endswith('_') and isinstance(inputs[0][0], torch.Tensor):
+            total += inputs[0][0].numel() * inputs[0][0].element_size()
+        return total
+
+
+def count_ops(fn):
+    return op_ledger(fn).count
+
+
+def op_ledger(fn):
+    with OpLedger() as ledger:
+        fn()
+    return ledger
+
+
+def ledger_rest(whole, parts):
+    """What `whole` dispatches beyond the sum of `parts` (OpLedgers): (operations, bytes, the three operations with
+    the most bytes, as text)."""
+    rest_ops, rest_bytes = collections.Counter(whole.ops), collections.Counter(whole.bytes)
+    for part in parts:
+        rest_ops.subtract(part.ops)
+        rest_bytes.subtract(part.bytes)
+    top = sorted((n for n in rest_ops if rest_ops[n] or rest_bytes[n]), key=lambda n: (-abs(rest_bytes[n]), n))[:3]
+    text = ', '.join(f'{n} {rest_ops[n]:+d} ({rest_bytes[n] / 2 ** 20:+.1f} MiB)' for n in top)
+    return sum(rest_ops.values()), sum(rest_bytes.values()), text
 
 
 def count_host_syncs(fn):
@@ -740,6 +814,14 @@ def bench_train(args):
                 _logger.warning(f'host-sync count unavailable: {e}')
                 break
 
+    ledgers = {}
+    if not args.no_ledger and not args.torchcompile:  # a compiled step runs its own kernels: nothing to list
+        # one more step of each part under an OpLedger, for the rest columns: what a distill step dispatches beyond
+        # the student step, the teacher forward and its own modules, which on a GPU is the overhead left to explain
+        parts = [student_variant] + [pair[0] for pair in teacher_variants.values()] + [
+            info[key] for info in rows_info.values() for key in ('variant', 'own_variant') if info[key] is not None]
+        ledgers = {v.name: op_ledger(v.step) for v in parts}
+
     if not args.no_memory:
         meter = PeakMemory(device)
         for v in variants:
@@ -832,6 +914,10 @@ def bench_train(args):
             else [0.0] * len(v.round_ms)
         paired = [d / (s + t) for d, s, t in zip(v.round_ms, student_variant.round_ms, teacher_rounds)]
         own_ms = median(info['own_variant']) if info['own_variant'] is not None else 0.0
+        rest = (None, None, None)
+        if ledgers:
+            rest = ledger_rest(ledgers[v.name], [ledgers[p.name] for p in (student_variant, own_teacher,
+                                                                            info['own_variant']) if p is not None])
         row.update(student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
                    teacher_grad_mode=('inference_mode' if in_inference_mode else 'no_grad') if own_mode_ms else None,
                    teacher_fwd_no_grad_ms=round_ms(other_mode_ms if in_inference_mode else own_mode_ms),
@@ -845,7 +931,8 @@ def bench_train(args):
                    vs_timm=round(median(v) / peer_ms, 3) if (peer_ms and name == 'kd') else None,
                    vs_timm_paired_median=round(statistics.median(
                        d / p for d, p in zip(v.round_ms, peer.round_ms)), 3) if (peer_ms and name == 'kd') else None,
-                   extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
+                   rest_ops=rest[0], rest_bytes=rest[1],
+                   rest_top=rest[2], extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
                    student_gflops_per_img=gflops(student_g), teacher_gflops_per_img=gflops(teacher_g),
                    distiller_gflops_per_img=gflops(own_g), teacher_calls=len(info['requests']),
                    teacher_request='; '.join(describe_request(r) for r in info['requests']), status='ok')
@@ -872,6 +959,12 @@ def overhead_text(row):
             if row.get('overhead_paired_min') is not None else f'{row["overhead"]:.3f}')
 
 
+def rest_text(row):
+    if row.get('rest_ops') is None:
+        return '-'
+    return f'{row["rest_ops"]:+d} / {row["rest_bytes"] / 2 ** 20:+.1f}'
+
+
 def print_train_rows(rows, machine):
     print(f'\nMachine: {machine}')
     first = next((r for r in rows if 'step_ms' in r), rows[0])
@@ -880,7 +973,7 @@ def print_train_rows(rows, machine):
           f'compile {first["compile"]}\n')
     syncs = any(r.get('host_syncs') is not None for r in rows)
     header = ['variant', 'step ms', 'img/s', 'teacher ms', 'overhead', 'net', 'net timed', 'vs timm', 'peak MB',
-              'extra M params', 'GFLOPs/img s/t/own'] + (['syncs'] if syncs else []) + ['status']
+              'rest ops/MiB', 'extra M params', 'GFLOPs/img s/t/own'] + (['syncs'] if syncs else []) + ['status']
     table = []
     for r in rows:
         if 'step_ms' not in r:
@@ -891,10 +984,13 @@ def print_train_rows(rows, machine):
         table.append([r['variant'], fmt_num(r['step_ms'], '.1f'), fmt_num(r['samples_per_sec'], '.1f'),
                       fmt_num(r.get('teacher_fwd_ms'), '.1f'), overhead_text(r),
                       fmt_num(r.get('overhead_net'), '.3f'), fmt_num(r.get('overhead_net_timed'), '.3f'),
-                      fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'],
+                      fmt_num(r.get('vs_timm'), '.3f'), r['peak_mem_mb'], rest_text(r),
                       fmt_num(r.get('extra_params_m'), '.3f'), g]
                      + ([fmt_num(r.get('host_syncs'), 'd')] if syncs else []) + [r['status']])
     print(markdown_table(header, table))
+    tops = [f'  {r["variant"]}: {r["rest_top"]}' for r in rows if r.get('rest_top')]
+    if tops:
+        print('\nThe rest, the three operations with the most bytes:\n' + '\n'.join(tops))
     print('\noverhead = distill step / (student step + teacher forward), of the medians over rounds (in brackets: '
           'the range of the same ratio taken round by round). net = the same with the method\'s own '
           'modules added to the denominator at the student\'s measured time per FLOP; net timed = the same with '
@@ -902,7 +998,10 @@ def print_train_rows(rows, machine):
           'inputs they got in a step, and the optimizer\'s update of their parameters). vs timm = kd step / timm '
           'LogitDistillationTask step. teacher:<request>@<mode>: the teacher forward of the distill step, under the '
           'grad mode the distiller uses (the one in the overhead) and, as a second row, under the other mode. Peak '
-          'memory: above what was allocated before the step.'
+          'memory: above what was allocated before the step. rest: the tensor operations (and the MiB of their '
+          'arguments and results) a distill step dispatches beyond the student step, the teacher forward and the '
+          'own: row, counted op by op; Triton kernels (UFD\'s loss on a GPU) are not tensor operations and are not '
+          'counted.'
           + (' syncs: operations in one step that CUDA\'s sync debug mode flags as synchronizing (.item(), '
              'boolean-mask indexing, nonzero); the NaN check\'s wait on its own pinned copy is not one of them.'
              if syncs else ''))
@@ -952,27 +1051,6 @@ class DctUfdLoss:
     def channel(self, student, teacher):
         (s_dc, s_ac), (t_dc, t_ac) = self._channel_parts(student.float()), self._channel_parts(teacher.float())
         return self._sse(s_dc, t_dc, 1), self._sse(s_ac, t_ac, 1)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the tensor operations a piece of code dispatches, views excluded. On a GPU each is at least one
-    kernel launch, and at UFD's loss shapes launches, not arithmetic, set the time: the count is the CPU's view of
-    what a GPU will pay."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn):
-    with OpCounter() as counter:
-        fn()
-    return counter.count
 
 
 def gpu_busy_ms(step, iters=5):

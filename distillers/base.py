@@ -53,6 +53,40 @@ def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=inner).square().sum()
 
 
+# squared_error_sum runs on the kernels of distillers/base_triton.py where they can (set False to compare)
+FUSED_KERNELS = True
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when both tensors' elements fill numel() consecutive memory slots in the same order (contiguous,
+    channels_last, any permutation, as long as it is the same one): the element at one offset from one's start is
+    the element at that offset from the other's, so a kernel can walk both as flat arrays."""
+    sized = [(size, sa, sb) for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size > 1]
+    expected = 1
+    for size, stride_a, stride_b in sorted(sized, key=lambda d: d[1]):
+        if stride_a != expected or stride_b != expected:
+            return False
+        expected *= size
+    return True
+
+
+def fused_squared_error_kernels(student: torch.Tensor, teacher: torch.Tensor):
+    """distillers/base_triton.py where its kernels can run on these maps: CUDA tensors of a float dtype in one
+    dense layout, Triton importable, and not inside torch.compile's tracing (which fuses the eager form itself).
+    None otherwise."""
+    if not FUSED_KERNELS or torch.compiler.is_compiling() or student.numel() == 0 or not all(
+            m.is_cuda and m.dtype in FUSED_DTYPES for m in (student, teacher)):
+        return None
+    if not same_dense_layout(student, teacher):
+        return None
+    try:
+        from . import base_triton
+    except ImportError:  # a CUDA build of torch without Triton (Windows, some source builds)
+        return None
+    return base_triton
+
+
 class _SquaredErrorSum(torch.autograd.Function):
     """sum((s - t)^2) in float32 at least, for maps of any float dtype, with a hand-written backward.
 
@@ -63,10 +97,15 @@ class _SquaredErrorSum(torch.autograd.Function):
     teacher's are: `teacher_forward` returns float32), the subtraction widens the other inside its own kernel;
     two low-precision maps cost one float32 copy of the student. The sum of squares reads the difference
     without writing squares, and each gradient 2 g (s - t) is written once, in its input's dtype: about half the
-    traffic, and the same float32 math."""
+    traffic, and the same float32 math. On a GPU the kernels of distillers/base_triton.py go further: one pass
+    over both maps forward, one backward, and no difference written at all."""
 
     @staticmethod
     def forward(ctx, student, teacher):
+        ctx.kernels = fused_squared_error_kernels(student, teacher)
+        if ctx.kernels is not None:
+            ctx.save_for_backward(student, teacher)
+            return ctx.kernels.squared_error_sum(student, teacher)
         ctx.input_dtypes = (student.dtype, teacher.dtype)
         wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
         if student.dtype != wide and teacher.dtype != wide:
@@ -78,6 +117,9 @@ class _SquaredErrorSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        if ctx.kernels is not None:
+            student, teacher = ctx.saved_tensors
+            return ctx.kernels.squared_error_gradients(student, teacher, grad, *ctx.needs_input_grad)
         difference, = ctx.saved_tensors
         student_dtype, teacher_dtype = ctx.input_dtypes
         grad_student = grad_teacher = None

@@ -135,8 +135,8 @@ def test_finished_run_is_reused_only_with_the_same_command_and_config(tmp_path):
 @pytest.mark.e2e
 def test_train_bench_two_distillers(tmp_path):
     out = tmp_path / 'bench.json'
-    proc = run_script('benchmark.py', '--model', 'test_resnet', '--teacher', 'test_resnet', '--distiller', 'kd',
-                      'fitnet', 'vitkd', '--img-size', '32', '-b', '4', '--num-classes', '10', '--num-warm-iter', '1',
+    proc = run_script('benchmark.py', '--model', 'test_resnet', '--teacher', 'test_resnet', '--distiller', 'vanilla',
+                      'kd', 'fitnet', 'vitkd', '--img-size', '32', '-b', '4', '--num-classes', '10', '--num-warm-iter', '1',
                       '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu', '--results-file', out)
     assert 'overhead' in proc.stdout
     rows = {r['variant']: r for r in json.loads(out.read_text())}
@@ -168,6 +168,12 @@ def test_train_bench_two_distillers(tmp_path):
     assert fitnet['overhead_net_timed'] == pytest.approx(fitnet['step_ms'] / (
         rows['student']['step_ms'] + fitnet['teacher_fwd_ms'] + fitnet['own_modules_ms']), abs=2e-3)
     assert rows['vitkd']['status'].startswith('unsupported:')
+    # the rest: vanilla's step is the student step exactly; kd adds its loss (softmaxes of two logit rows);
+    # fitnet adds its squared errors over the regressed maps (a subtraction, its norm, the gradient's multiply)
+    assert (rows['vanilla']['rest_ops'], rows['vanilla']['rest_bytes']) == (0, 0)
+    assert kd['rest_ops'] > 0 and '_log_softmax' in kd['rest_top'] and 0 < kd['rest_bytes'] < 10_000
+    assert fitnet['rest_ops'] > 0 and fitnet['rest_bytes'] > 0 and 'sub' in fitnet['rest_top']
+    assert 'rest ops/MiB' in proc.stdout and 'The rest, the three operations with the most bytes' in proc.stdout
 
 
 @pytest.mark.e2e
@@ -319,6 +325,23 @@ def test_own_row_optimizer_never_moves_the_shared_parameters(opt, caplog):
         step()
         assert own.state
     assert all(torch.equal(before[n], p) and p.grad is None for n, p in ufd.named_parameters())
+
+
+def test_op_ledger_counts_bytes_of_arguments_and_results():
+    a, b = torch.randn(10, 100), torch.randn(10, 100, dtype=torch.float64)
+
+    def work():
+        c = a + b  # float32 + float64 -> float64: 4000 + 8000 read, 8000 written
+        d = torch.empty_like(c)  # an allocation: counted as an operation, no bytes
+        torch.mul(c, 2, out=d)  # 8000 read, 8000 written (`out` is an argument and the result, counted once)
+        d.add_(1)  # in place: d read and written, 16000
+        return d.view(-1).sum()  # the view is free; the sum reads 8000 and writes one float64
+
+    ledger = benchmark.op_ledger(work)
+    assert dict(ledger.ops) == {'add': 1, 'empty_like': 1, 'mul': 1, 'add_': 1, 'sum': 1} and ledger.count == 5
+    assert dict(ledger.bytes) == {'add': 20000, 'mul': 16000, 'add_': 16000, 'sum': 8008}
+    rest = benchmark.ledger_rest(ledger, [benchmark.op_ledger(lambda: a + b)])
+    assert rest[:2] == (4, 40008) and rest[2] == 'add_ +1 (+0.0 MiB), mul +1 (+0.0 MiB), sum +1 (+0.0 MiB)'
 
 
 def test_op_counter_counts_operations_not_views():

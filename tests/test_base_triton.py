@@ -1,0 +1,98 @@
+"""The fused squared-error kernels (distillers/base_triton.py) against the eager path of `squared_error_sum`.
+
+The eager path is checked by hand-worked values and gradcheck (test_feature_distillers.py), so here the kernels
+must give its value and exactly its gradients: on a GPU when there is one, and without one under Triton's
+interpreter, which runs the same kernels on CPU tensors (tests/conftest.py turns it on).
+"""
+import pytest
+import torch
+
+from distillers import base
+
+triton = pytest.importorskip('triton')
+
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def route(monkeypatch):
+    """Sends squared_error_sum through the kernels (True) or the eager path (False) for any device."""
+    def to(kernels, device='cpu'):
+        if kernels and device == 'cpu' and not triton.knobs.runtime.interpret:
+            pytest.skip('CPU tensors need Triton\'s interpreter (tests/conftest.py sets it when there is no GPU)')
+        if kernels:
+            from distillers import base_triton
+            monkeypatch.setattr(base, 'fused_squared_error_kernels', lambda s, t: base_triton)
+        else:
+            monkeypatch.setattr(base, 'fused_squared_error_kernels', lambda s, t: None)
+    return to
+
+
+def value_and_gradients(student, teacher, weight=0.37):
+    student = student.detach().clone().requires_grad_(True)
+    teacher = teacher.detach().clone().requires_grad_(True)
+    value = base.squared_error_sum(student, teacher)
+    (weight * value).backward()
+    return value.detach(), student.grad, teacher.grad
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('student_dtype, teacher_dtype', [(torch.float32, torch.float32),
+                                                          (torch.bfloat16, torch.float32),
+                                                          (torch.float16, torch.float16)])
+@pytest.mark.parametrize('shape, channels_last', [((3, 5, 7, 11), False),  # less than one block
+                                                  ((2, 24, 29, 31), True),  # several blocks, the last one part-full
+                                                  ((4, 50, 64), False)])  # tokens (B, N, C)
+def test_kernels_give_the_eager_value_and_exactly_its_gradients(device, student_dtype, teacher_dtype, shape,
+                                                                channels_last, route):
+    g = torch.Generator().manual_seed(sum(shape))
+    student = torch.randn(shape, generator=g).to(device, student_dtype)
+    teacher = (0.8 * student.float() + 0.5 * torch.randn(shape, generator=g).to(device)).to(teacher_dtype)
+    if channels_last:
+        student = student.contiguous(memory_format=torch.channels_last)
+        teacher = teacher.contiguous(memory_format=torch.channels_last)
+    route(False)
+    expected = value_and_gradients(student, teacher)
+    route(True, device)
+    got = value_and_gradients(student, teacher)
+    assert got[0].dtype == torch.float32
+    assert got[0].item() == pytest.approx(expected[0].item(), rel=1e-6)  # only the order of additions differs
+    for grad, want, source in zip(got[1:], expected[1:], (student, teacher)):
+        assert grad.dtype == source.dtype and grad.stride() == source.stride()
+        if device == 'cpu' and source.dtype == torch.bfloat16:
+            # the interpreter truncates float32 to bfloat16 where a GPU rounds to nearest even: one unit apart
+            torch.testing.assert_close(grad, want, rtol=2 ** -7, atol=0)
+        else:
+            assert torch.equal(grad, want)  # 2 g (s - t): the same float32 products, rounded once
+
+
+def test_kernels_value_by_hand(route):
+    route(True)
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    teacher = torch.tensor([[0.5, 2.0], [1.0, 5.0]])
+    value, grad_student, grad_teacher = value_and_gradients(student, teacher, weight=1.0)
+    assert value.item() == 0.25 + 0 + 4 + 1
+    assert grad_student.tolist() == [[1.0, 0.0], [4.0, -2.0]] and grad_teacher.tolist() == [[-1.0, 0.0], [-4.0, 2.0]]
+
+
+def test_kernels_serve_only_maps_they_can_walk_as_one_flat_array():
+    x = torch.randn(2, 3, 4, 5)
+    assert base.same_dense_layout(x, torch.randn(2, 3, 4, 5))
+    assert base.same_dense_layout(x.contiguous(memory_format=torch.channels_last),
+                                  torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    assert base.same_dense_layout(x[:1], x[1:])  # an offset start is fine: the kernels take data pointers
+    assert base.same_dense_layout(torch.randn(2, 1, 5), torch.randn(2, 5, 1).transpose(1, 2))  # size-1 axes
+    # two dense layouts that differ, a map with gaps, a broadcast map: the eager path
+    assert not base.same_dense_layout(x, x.contiguous(memory_format=torch.channels_last))
+    assert not base.same_dense_layout(x[:, :2], torch.randn(2, 2, 4, 5))
+    assert not base.same_dense_layout(torch.randn(1, 3, 4, 5).expand(2, 3, 4, 5), x)
+    # the kernels only ever see CUDA tensors
+    assert base.fused_squared_error_kernels(x, x) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_squared_error_sum_takes_the_kernels_on_a_gpu():
+    from distillers import base_triton
+    student = torch.randn(2, 8, 6, 6, device='cuda', dtype=torch.bfloat16)
+    assert base.fused_squared_error_kernels(student, student.float()) is base_triton
+    assert base.fused_squared_error_kernels(student, student.float()[:, :, :, :6].transpose(2, 3)) is None
