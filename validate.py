@@ -53,7 +53,10 @@ parser.add_argument('--dataset', metavar='NAME', default='',
 parser.add_argument('--split', metavar='NAME', default='val', help='dataset split (default: val)')
 parser.add_argument('--synthetic-classes', type=int, default=None, metavar='N',
                     help='synthetic: classes (default: from the checkpoint\'s run, else 10)')
-parser.add_argument('--synthetic-val-size', type=int, default=None, metavar='N', help='synthetic: val images')
+parser.add_argument('--synthetic-train-size', type=int, default=None, metavar='N',
+                    help='synthetic, --split train: train images (default: the checkpoint\'s run\'s, else 5000)')
+parser.add_argument('--synthetic-val-size', type=int, default=None, metavar='N',
+                    help='synthetic: val images (default: the checkpoint\'s run\'s, else 1000)')
 parser.add_argument('--synthetic-seed', type=int, default=None, metavar='S', help='synthetic: seed')
 parser.add_argument('--model', '-m', default='', metavar='NAME', help='model name (default: the checkpoint\'s arch)')
 parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='checkpoint file or folder')
@@ -121,10 +124,14 @@ def validate_one(args, checkpoint_path, device):
     data_args['input_size'] = img_size
     data_config = resolve_data_config(data_args, model=model)
     dataset_name = args.dataset if args.dataset else run_args.get('dataset', '')
+    # the synthetic set's samples depend on its size: the run's size of the split gives back the run's images
+    if args.split == 'train':
+        synthetic_size = args.synthetic_train_size or run_args.get('synthetic_train_size', 5000)
+    else:
+        synthetic_size = args.synthetic_val_size or run_args.get('synthetic_val_size', 1000)
     dataset = create_eval_dataset(
         dataset_name, args.data_dir or args.data, args.split, int(data_config['input_size'][-1]),
-        args.synthetic_classes or run_args.get('synthetic_classes', 10),
-        args.synthetic_val_size or run_args.get('synthetic_val_size', 1000),
+        args.synthetic_classes or run_args.get('synthetic_classes', 10), synthetic_size,
         args.synthetic_seed if args.synthetic_seed is not None else run_args.get('synthetic_seed', 0))
     loader = create_eval_loader(dataset, build_eval_transform(data_config), args.batch_size, args.workers)
 

@@ -94,8 +94,10 @@ def create_eval_dataset(dataset: str, data_dir: Optional[str], split: str, img_s
     """The evaluation split alone (validate.py)."""
     name = (dataset or '').lower()
     if name == 'synthetic':
+        if split not in ('train', 'val', 'validation'):
+            raise DatasetError(f'the synthetic dataset has the splits train and val, not {split!r}')
         return SyntheticImageDataset(num_classes=synthetic_classes, num_samples=synthetic_size, img_size=img_size,
-                                     split='val' if split in ('val', 'validation') else split, seed=synthetic_seed)
+                                     split='train' if split == 'train' else 'val', seed=synthetic_seed)
     root = dataset_root(name, data_dir)
     if name in CIFAR_CLASSES:
         if not os.path.isdir(os.path.join(root, CIFAR_FOLDERS[name])):

@@ -171,6 +171,23 @@ def test_checkpoint_validate_round_trip(tmp_path, teacher_checkpoint):
     with open(results_csv) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list(teacher_checkpoint.parent.glob('*.pth.tar')))
+    # --split train reads the run's own 640 training images (its sizes and seed come from the checkpoint)
+    import validate
+    train_row, = validate.main(['--checkpoint', str(teacher_checkpoint), '--workers', '0', '--split', 'train'])
+    assert train_row['images'] == 640 and train_row['top1'] >= 50
+
+
+def test_synthetic_eval_splits_are_the_runs_splits():
+    import argparse
+    from data import DatasetError, create_datasets, create_eval_dataset
+    args = argparse.Namespace(dataset='synthetic', input_size=(3, 32, 32), synthetic_classes=10,
+                              synthetic_train_size=64, synthetic_val_size=24, synthetic_seed=3)
+    train_set, val_set, _ = create_datasets(args)
+    for split, size, expected in (('train', 64, train_set), ('val', 24, val_set), ('validation', 24, val_set)):
+        got = create_eval_dataset('synthetic', None, split, 32, 10, size, 3)
+        assert (got.images == expected.images).all() and list(got.targets) == list(expected.targets), split
+    with pytest.raises(DatasetError, match="the synthetic dataset has the splits train and val, not 'test'"):
+        create_eval_dataset('synthetic', None, 'test', 32, 10, 24, 3)
 
 
 @pytest.mark.e2e
