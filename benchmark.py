@@ -317,10 +317,13 @@ class PeakMemory:
 
 
 class OpLedger(TorchDispatchMode):
-    """The tensor operations a piece of code dispatches, by name: how many (views excluded), and the bytes of
-    the distinct tensors they read and write (allocations, which touch no memory, excluded). On a GPU each operation is
-    at least one kernel launch, and for the elementwise and reduction work a loss adds, the bytes its kernels read
-    and write set the time. Counted on any device, so the CPU can say what a step will ask of a GPU."""
+    """The tensor operations a piece of code dispatches, by name: how many, and the bytes of the distinct tensors
+    they read and write. Views are not counted, nor calls that touch no tensor (`promote_types`, the profiler's
+    record_function markers); allocations count as operations but touch no bytes. On a GPU nearly every counted
+    operation is a kernel launch, and for the elementwise and reduction work a loss adds, the bytes its kernels
+    read and write set the time. The counts do not depend on the machine's speed or load; they do depend on the
+    device's code paths: Triton kernels are not tensor operations and are not seen, and CUDA optimizers update
+    parameter lists in fewer, larger (foreach) operations."""
 
     # factory ops that only allocate: their results are written by the next operation, which counts them
     ALLOCATIONS = ('empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided')
@@ -335,27 +338,28 @@ class OpLedger(TorchDispatchMode):
         return sum(self.ops.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if not func.is_view:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        touched = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if not func.is_view and touched:
+            name = func.overloadpacket.__name__
             self.ops[name] += 1
             if name not in self.ALLOCATIONS:
-                self.bytes[name] += self.touched_bytes(func, (args, kwargs), out)
+                self.bytes[name] += self.touched_bytes(func, args, kwargs, touched)
         return out
 
     @staticmethod
-    def touched_bytes(func, inputs, out):
+    def touched_bytes(func, args, kwargs, touched):
         """Each distinct tensor once (an `out=` tensor is an argument and the result, and is only written), and
-        the tensor an in-place operation changes once more (it is read and written)."""
-        seen, total = set(), 0
-        for t in tree_leaves((inputs, out)):
-            if isinstance(t, torch.Tensor):
-                key = (t.data_ptr(), t.numel(), t.dtype)
-                if key not in seen:
-                    seen.add(key)
-                    total += t.numel() * t.element_size()
-        if func._schema.name.endswith('_') and isinstance(inputs[0][0], torch.Tensor):
-            total += inputs[0][0].numel() * inputs[0][0].element_size()
+        the tensors an operation changes in place once more (they are read and written), as its schema marks
+        them."""
+        def size(t):
+            return t.numel() * t.element_size()
+        total = sum(size(t) for t in {(t.data_ptr(), t.numel(), t.dtype): t for t in touched}.values())
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write and not arg.is_out:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                total += sum(size(t) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
         return total
 
 
@@ -509,11 +513,13 @@ def capture_teacher_requests(distiller, images, labels, amp_autocast):
 
 def capture_own_module_calls(distiller, images, labels, amp_autocast):
     """The outermost calls of the method's own modules in one forward, as (module, args, kwargs) with the inputs
-    detached: the distiller's modules (projectors, generators, heads: everything but the student; the teacher is
-    not in its module tree), and teacher modules it runs with autograd on (ScaleKD's pass of projected student
+    detached: the distiller's modules (projectors, generators, heads: everything but the student and the task
+    loss; the teacher is not in its module tree), and teacher modules it runs with autograd on (ScaleKD's pass of projected student
     features through the teacher's last stage). The teacher's own forward runs without autograd and is timed
     as the teacher row, so those calls are left out; the FLOP-priced `net` counts both kinds alike."""
-    own = [m for name, m in distiller.named_modules() if name and name != 'student' and not name.startswith('student.')]
+    # the task loss (`criterion`) is the student step's work, timed there: not the method's
+    own = [m for name, m in distiller.named_modules()
+           if name and name.split('.')[0] not in ('student', 'criterion')]
     teacher_modules = list(distiller.teacher.modules()) if distiller.teacher is not None else []
     calls, depth = [], [0]
 
@@ -1149,7 +1155,7 @@ def print_ufd_rows(rows, machine):
               'ops closed / DCT', 'max rel diff']
     print(markdown_table(header, [[r['grid'], r['batch_size'], r['channels'], r['mode'], fmt_num(r['closed_form_ms']),
                                    *([fmt_num(r['eager_closed_form_ms'])] if eager else []),
-                                   fmt_num(r['dct_ms']), fmt_num(r['speedup'], '.1f') + 'x',
+                                   fmt_num(r['dct_ms']), fmt_num(r['speedup'], '.3g') + 'x',
                                    fmt_num(r['backward_floor_ms']) if r['backward_floor_ms'] is not None else '-',
                                    *([f'{r["closed_form_gpu_ms"]:.3f} / {r["dct_gpu_ms"]:.3f}',
                                       fmt_num(r['gpu_speedup'], '.1f') + 'x'] if gpu else []),

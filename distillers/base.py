@@ -72,11 +72,14 @@ def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def fused_squared_error_kernels(student: torch.Tensor, teacher: torch.Tensor):
-    """distillers/base_triton.py where its kernels can run on these maps: CUDA tensors of a float dtype in one
-    dense layout, Triton importable, and not inside torch.compile's tracing (which fuses the eager form itself).
-    None otherwise."""
+    """distillers/base_triton.py where its kernels can run on these maps: CUDA tensors on one device, of a float
+    dtype, in one dense layout, Triton importable, and not inside torch.compile's tracing (which fuses the eager
+    form itself). The kernels' backward reads the maps themselves, so inference tensors (which autograd cannot
+    save) take the eager path, which saves only their difference. None otherwise."""
     if not FUSED_KERNELS or torch.compiler.is_compiling() or student.numel() == 0 or not all(
-            m.is_cuda and m.dtype in FUSED_DTYPES for m in (student, teacher)):
+            m.is_cuda and m.dtype in FUSED_DTYPES and not m.is_inference() for m in (student, teacher)):
+        return None
+    if student.device != teacher.device:  # the eager path raises PyTorch's own error for it
         return None
     if not same_dense_layout(student, teacher):
         return None

@@ -16,6 +16,7 @@ one dense layout (the same strides) when Triton imports and the code is not bein
 everything else takes the eager path. Under TRITON_INTERPRET=1 the kernels run on CPU tensors, which is how the
 tests check them without a GPU.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +24,13 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device, in its current stream: for tensors elsewhere (cuda:1 while
+    cuda:0 is current) that would be the wrong GPU. This makes their device current for the launch; CPU tensors,
+    under the interpreter, need nothing."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
 
 
 @triton.jit
@@ -57,7 +65,8 @@ def squared_error_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     (see `same_dense_layout`), of float32, bfloat16 or float16."""
     n = student.numel()
     partials = torch.empty(triton.cdiv(n, BLOCK), device=student.device, dtype=torch.float32)
-    _partial_sums_kernel[(partials.numel(),)](student, teacher, partials, n, BLOCK=BLOCK, num_warps=8)
+    with on_device(student.device):
+        _partial_sums_kernel[(partials.numel(),)](student, teacher, partials, n, BLOCK=BLOCK, num_warps=8)
     return partials.sum()
 
 
@@ -69,7 +78,8 @@ def squared_error_gradients(student: torch.Tensor, teacher: torch.Tensor, grad: 
     grad_teacher = torch.empty_like(teacher) if teacher_grad else None
     if student_grad or teacher_grad:
         first = grad_student if student_grad else grad_teacher  # a pointer for the slot that is not written
-        _gradient_kernel[(triton.cdiv(student.numel(), BLOCK),)](
-            student, teacher, grad, first, grad_teacher if teacher_grad else first, student.numel(),
-            WRITE_S=student_grad, WRITE_T=teacher_grad, BLOCK=BLOCK, num_warps=8)
+        with on_device(student.device):
+            _gradient_kernel[(triton.cdiv(student.numel(), BLOCK),)](
+                student, teacher, grad, first, grad_teacher if teacher_grad else first, student.numel(),
+                WRITE_S=student_grad, WRITE_T=teacher_grad, BLOCK=BLOCK, num_warps=8)
     return grad_student, grad_teacher

@@ -99,10 +99,13 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def fused_kernels(*maps: torch.Tensor):
     """distillers/ufd_triton.py where its kernels can run on these (B, C, H, W) maps: CUDA tensors of a float
-    dtype whose H*W positions form one strided axis, Triton importable, and not inside torch.compile's tracing
-    (which fuses the eager path itself). None otherwise."""
+    dtype on one device whose H*W positions form one strided axis, Triton importable, and not inside
+    torch.compile's tracing (which fuses the eager path itself). The kernels' backward reads the maps, so
+    inference tensors (which autograd cannot save) take the eager path. None otherwise."""
     if not FUSED_KERNELS or torch.compiler.is_compiling() or not all(
-            m.is_cuda and m.dtype in FUSED_DTYPES for m in maps):
+            m.is_cuda and m.dtype in FUSED_DTYPES and not m.is_inference() for m in maps):
+        return None
+    if len({m.device for m in maps}) > 1:  # the eager path raises PyTorch's own error for it
         return None
     try:
         from . import ufd_triton

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .base_triton import on_device
 from .ufd import AC_RELATIVE_TOLERANCE, SQUARED_NORM_FLOOR
 
 
@@ -275,11 +276,12 @@ def decoupled_terms(spatial: torch.Tensor, channel: Optional[torch.Tensor], teac
     size, channel_work_offset = work_size(batch, c, n, branches)
     work = torch.empty(size, device=teacher.device, dtype=torch.float32)
     terms_per_sample = torch.empty(batch, 2 * branches, device=teacher.device, dtype=torch.float32)
-    _forward_kernel[(batch, branches)](
-        spatial, channel_or_spatial, teacher, work, terms_per_sample, channel_work_offset, batch, c, n,
-        *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
-        AC_RELATIVE_TOLERANCE ** 2, SQUARED_NORM_FLOOR, WITH_GRADIENTS=with_gradients,
-        **_blocks(c, n, SPATIAL_BLOCKS, CHANNEL_BLOCKS), num_warps=8)
+    with on_device(teacher.device):
+        _forward_kernel[(batch, branches)](
+            spatial, channel_or_spatial, teacher, work, terms_per_sample, channel_work_offset, batch, c, n,
+            *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
+            AC_RELATIVE_TOLERANCE ** 2, SQUARED_NORM_FLOOR, WITH_GRADIENTS=with_gradients,
+            **_blocks(c, n, SPATIAL_BLOCKS, CHANNEL_BLOCKS), num_warps=8)
     return terms_per_sample.sum(0).unbind(), (work if with_gradients else None)
 
 
@@ -296,9 +298,10 @@ def decoupled_gradients(spatial: torch.Tensor, channel: Optional[torch.Tensor], 
     column_blocks = max(triton.cdiv(c, blocks['SP_BLOCK_K']),
                         triton.cdiv(n, blocks['CH_BLOCK_K']) if channel is not None else 0)
     # with the spatial branch alone, its two gradients fill the channel branch's unused pointers too
-    _gradient_kernel[(batch, column_blocks, branches)](
-        spatial, channel_or_spatial, teacher, work, *(term_grads * (4 // len(term_grads))),
-        grad_spatial, grad_channel, work_size(batch, c, n, branches)[1], batch, c, n,
-        *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
-        *map_strides(grad_spatial), *map_strides(grad_channel), **blocks)
+    with on_device(teacher.device):
+        _gradient_kernel[(batch, column_blocks, branches)](
+            spatial, channel_or_spatial, teacher, work, *(term_grads * (4 // len(term_grads))),
+            grad_spatial, grad_channel, work_size(batch, c, n, branches)[1], batch, c, n,
+            *map_strides(spatial), *map_strides(channel_or_spatial), *map_strides(teacher),
+            *map_strides(grad_spatial), *map_strides(grad_channel), **blocks)
     return grad_spatial, (grad_channel if channel is not None else None)

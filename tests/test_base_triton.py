@@ -4,10 +4,15 @@ The eager path is checked by hand-worked values and gradcheck (test_feature_dist
 must give its value and exactly its gradients: on a GPU when there is one, and without one under Triton's
 interpreter, which runs the same kernels on CPU tensors (tests/conftest.py turns it on).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from distillers import base
+from tests.helpers import REPO
 
 triton = pytest.importorskip('triton')
 
@@ -96,3 +101,48 @@ def test_squared_error_sum_takes_the_kernels_on_a_gpu():
     student = torch.randn(2, 8, 6, 6, device='cuda', dtype=torch.bfloat16)
     assert base.fused_squared_error_kernels(student, student.float()) is base_triton
     assert base.fused_squared_error_kernels(student, student.float()[:, :, :, :6].transpose(2, 3)) is None
+    # autograd cannot save inference tensors, which the kernels' backward reads: the eager path takes them
+    with torch.inference_mode():
+        frozen = student.float()
+    assert base.fused_squared_error_kernels(student, frozen) is None
+    student = student.detach().requires_grad_(True)
+    base.squared_error_sum(student, frozen).backward()
+    assert student.grad is not None
+
+
+COMPILE_FOR_SM90 = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from distillers import base_triton, ufd_triton
+
+def compile(fn, types, constexprs, num_warps):
+    signature = {name: 'constexpr' if name in constexprs else types.get(name, 'i32') for name in fn.arg_names}
+    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget('cuda', 90, 32),
+                   options=dict(num_warps=num_warps))
+
+bf16_and_f32 = dict(s_ptr='*bf16', t_ptr='*fp32', partial_ptr='*fp32', grad_ptr='*fp32', grad_s_ptr='*bf16',
+                    grad_t_ptr='*bf16')
+compile(base_triton._partial_sums_kernel, bf16_and_f32, dict(BLOCK=base_triton.BLOCK), 8)
+compile(base_triton._gradient_kernel, bf16_and_f32, dict(WRITE_S=True, WRITE_T=False, BLOCK=base_triton.BLOCK), 8)
+ufd_types = {name: ('*bf16' if name in ('sp_ptr', 'ch_ptr', 'gsp_ptr', 'gch_ptr') else '*fp32')
+             for fn in (ufd_triton._forward_kernel, ufd_triton._gradient_kernel) for name in fn.arg_names
+             if name.endswith('_ptr')}
+ufd_types.update(tolerance_sq='fp32', floor='fp32')
+caps = dict(SP_BLOCK_M=32, SP_BLOCK_K=128, CH_BLOCK_M=128, CH_BLOCK_K=32)
+compile(ufd_triton._forward_kernel, ufd_types, dict(WITH_GRADIENTS=True, **caps), 8)
+compile(ufd_triton._gradient_kernel, ufd_types, dict(SP_BLOCK_M=64, SP_BLOCK_K=64, CH_BLOCK_M=64, CH_BLOCK_K=64), 4)
+print('compiled')
+'''
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter runs the kernels' Python, not Triton's compiler: this compiles them to sm_90 machine code
+    (an H100's), which needs no GPU, so that a kernel only a GPU could reject fails here first. In a fresh
+    process, since tests/conftest.py's interpreter setting holds for this one."""
+    pytest.importorskip('triton.backends.nvidia')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['PYTHONPATH'] = str(REPO)
+    proc = subprocess.run([sys.executable, '-c', COMPILE_FOR_SM90], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and 'compiled' in proc.stdout, proc.stderr[-2000:]

@@ -270,6 +270,8 @@ def test_own_work_includes_teacher_modules_run_with_autograd():
     ufd = build_ufd(student='test_resnet', teacher='test_resnet')
     calls = benchmark.capture_own_module_calls(ufd, images, labels, contextlib.nullcontext)
     assert calls and not any(module in set(ufd.teacher.modules()) for module, _, _ in calls)
+    # the task loss is the student's work (timed in the student step), not the method's
+    assert ufd.criterion not in {module for module, _, _ in calls}
     # the replay runs forward and backward through them alone
     benchmark.own_modules_step_fn(scalekd, benchmark.capture_own_module_calls(
         scalekd, images, labels, contextlib.nullcontext), contextlib.nullcontext)()
@@ -340,6 +342,12 @@ def test_op_ledger_counts_bytes_of_arguments_and_results():
     ledger = benchmark.op_ledger(work)
     assert dict(ledger.ops) == {'add': 1, 'empty_like': 1, 'mul': 1, 'add_': 1, 'sum': 1} and ledger.count == 5
     assert dict(ledger.bytes) == {'add': 20000, 'mul': 16000, 'add_': 16000, 'sum': 8008}
+    # in place by the schema, not by the name: a list updated in place is read and written; `__lshift__` is not
+    params, shifts, by = [torch.zeros(10), torch.zeros(5)], torch.arange(1000), torch.ones(1000, dtype=torch.long)
+    assert dict(benchmark.op_ledger(lambda: torch._foreach_add_(params, 1.0)).bytes) == {'_foreach_add_': 120}
+    assert dict(benchmark.op_ledger(lambda: shifts << by).bytes) == {'__lshift__': 24000}
+    # calls that touch no tensor launch nothing
+    assert benchmark.op_ledger(lambda: torch.promote_types(torch.bfloat16, torch.float32)).count == 0
     rest = benchmark.ledger_rest(ledger, [benchmark.op_ledger(lambda: a + b)])
     assert rest[:2] == (4, 40008) and rest[2] == 'add_ +1 (+0.0 MiB), mul +1 (+0.0 MiB), sum +1 (+0.0 MiB)'
 
