@@ -55,7 +55,18 @@ def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
 
 # squared_error_sum runs on the kernels of distillers/base_triton.py where they can (set False to compare)
 FUSED_KERNELS = True
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_ready(*maps: torch.Tensor) -> bool:
+    """Whether a fused Triton kernel (this project's: base_triton.py, ufd_triton.py) may take these maps: CUDA
+    tensors on one device, of float32, bfloat16 or float16, and not inference tensors (the kernels' backward reads
+    the maps, and autograd cannot save those), outside torch.compile's tracing (which fuses the eager form
+    itself). Each caller adds its own layout condition."""
+    if torch.compiler.is_compiling() or not all(
+            m.is_cuda and m.dtype in (torch.float32, torch.bfloat16, torch.float16) and not m.is_inference()
+            for m in maps):
+        return False
+    return len({m.device for m in maps}) == 1  # two devices: the eager path raises PyTorch's own error
 
 
 def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -72,14 +83,9 @@ def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def fused_squared_error_kernels(student: torch.Tensor, teacher: torch.Tensor):
-    """distillers/base_triton.py where its kernels can run on these maps: CUDA tensors on one device, of a float
-    dtype, in one dense layout, Triton importable, and not inside torch.compile's tracing (which fuses the eager
-    form itself). The kernels' backward reads the maps themselves, so inference tensors (which autograd cannot
-    save) take the eager path, which saves only their difference. None otherwise."""
-    if not FUSED_KERNELS or torch.compiler.is_compiling() or student.numel() == 0 or not all(
-            m.is_cuda and m.dtype in FUSED_DTYPES and not m.is_inference() for m in (student, teacher)):
-        return None
-    if student.device != teacher.device:  # the eager path raises PyTorch's own error for it
+    """distillers/base_triton.py where its kernels can run on these maps (`kernel_ready`, non-empty, in one dense
+    layout) and Triton imports; None otherwise (the eager path, which saves only the maps' difference)."""
+    if not FUSED_KERNELS or student.numel() == 0 or not kernel_ready(student, teacher):
         return None
     if not same_dense_layout(student, teacher):
         return None

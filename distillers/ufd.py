@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import NormMlpClassifierHead, trunc_normal_
 
 from models.features import FeatureRequest, to_map
-from .base import Distiller, DistillerError, float32_loss
+from .base import Distiller, DistillerError, float32_loss, kernel_ready
 from .kd import kd_loss
 
 
@@ -94,18 +94,13 @@ def _above_rounding(squared_norm: torch.Tensor, mean: Optional[torch.Tensor], di
 
 # False sends every call of `decoupled_losses` down the eager path (benchmark.py times both)
 FUSED_KERNELS = True
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def fused_kernels(*maps: torch.Tensor):
     """distillers/ufd_triton.py where its kernels can run on these (B, C, H, W) maps: CUDA tensors of a float
-    dtype on one device whose H*W positions form one strided axis, Triton importable, and not inside
-    torch.compile's tracing (which fuses the eager path itself). The kernels' backward reads the maps, so
-    inference tensors (which autograd cannot save) take the eager path. None otherwise."""
-    if not FUSED_KERNELS or torch.compiler.is_compiling() or not all(
-            m.is_cuda and m.dtype in FUSED_DTYPES and not m.is_inference() for m in maps):
-        return None
-    if len({m.device for m in maps}) > 1:  # the eager path raises PyTorch's own error for it
+    dtype on one device (`kernel_ready`) whose H*W positions form one strided axis, with Triton importable. None
+    otherwise."""
+    if not FUSED_KERNELS or not kernel_ready(*maps):
         return None
     try:
         from . import ufd_triton
