@@ -55,9 +55,10 @@ Ratios reported by `train`:
 - `vs_timm` (kd and the peer only) = kd_step / timm LogitDistillationTask step.
 - `rest_ops`, `rest_bytes`, `rest_top`: what `net_timed` leaves above 1.00, counted rather than timed. One more
   step of the distill row and of its parts (student step, teacher forward, own: row) runs under an OpLedger; the
-  rest is the tensor operations, and the bytes of their arguments and results, that the distill step dispatches
-  beyond the sum of its parts (loss math, gradient sums, casts), and `rest_top` names the three largest. Counts
-  do not depend on the machine's speed, so the CPU can say what a step will add on a GPU.
+  rest is the tensor operations, and the bytes they read and write, that the distill step dispatches beyond the
+  sum of its parts (loss math, gradient sums, casts), and `rest_top` names the three largest. Counts do not
+  depend on the machine's speed or load, so a CPU run says what the rest asks of any machine's memory; Triton
+  kernels (UFD's, ScaleKD's and squared_error_sum's on a GPU) are not tensor operations and are not counted.
 The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
 as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
 synchronizing in one step (`.item()`, boolean-mask indexing, `nonzero`): a step should have none.
@@ -514,9 +515,9 @@ def capture_teacher_requests(distiller, images, labels, amp_autocast):
 def capture_own_module_calls(distiller, images, labels, amp_autocast):
     """The outermost calls of the method's own modules in one forward, as (module, args, kwargs) with the inputs
     detached: the distiller's modules (projectors, generators, heads: everything but the student and the task
-    loss; the teacher is not in its module tree), and teacher modules it runs with autograd on (ScaleKD's pass of projected student
-    features through the teacher's last stage). The teacher's own forward runs without autograd and is timed
-    as the teacher row, so those calls are left out; the FLOP-priced `net` counts both kinds alike."""
+    loss; the teacher is not in its module tree), and teacher modules it runs with autograd on (ScaleKD's pass of
+    projected student features through the teacher's last stage). The teacher's own forward runs without autograd
+    and is timed as the teacher row, so those calls are left out; the FLOP-priced `net` counts both kinds alike."""
     # the task loss (`criterion`) is the student step's work, timed there: not the method's
     own = [m for name, m in distiller.named_modules()
            if name and name.split('.')[0] not in ('student', 'criterion')]

@@ -136,8 +136,9 @@ def test_finished_run_is_reused_only_with_the_same_command_and_config(tmp_path):
 def test_train_bench_two_distillers(tmp_path):
     out = tmp_path / 'bench.json'
     proc = run_script('benchmark.py', '--model', 'test_resnet', '--teacher', 'test_resnet', '--distiller', 'vanilla',
-                      'kd', 'fitnet', 'vitkd', '--img-size', '32', '-b', '4', '--num-classes', '10', '--num-warm-iter', '1',
-                      '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu', '--results-file', out)
+                      'kd', 'fitnet', 'vitkd', '--img-size', '32', '-b', '4', '--num-classes', '10',
+                      '--num-warm-iter', '1', '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu',
+                      '--results-file', out)
     assert 'overhead' in proc.stdout
     rows = {r['variant']: r for r in json.loads(out.read_text())}
     # the teacher forward as the distillers run it (inference_mode), and under no_grad for the comparison
