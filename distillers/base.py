@@ -155,6 +155,9 @@ class DistillerError(ValueError):
 class Distiller(nn.Module):
     name = ''
     needs_teacher = True
+    # True where the method reads nothing of the teacher but its logits (the logit methods): such a method can
+    # run from stored teacher outputs, and benchmark.py prices it without feature taps
+    teacher_logits_only = False
     # weights applied when --gt-loss-weight / --kd-loss-weight are not given (the method's own spec values)
     default_gt_loss_weight = 1.0
     default_kd_loss_weight = 1.0

@@ -42,6 +42,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 
 class DIST(Distiller):
     """Total = CE + kd_loss_weight * dist_loss, logged as loss_dist_inter and loss_dist_intra."""
+    teacher_logits_only = True
     name = 'dist'
 
     @classmethod

@@ -53,6 +53,7 @@ def dkd_warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 class DKD(Distiller):
     """Total = CE + w(e) * kd_loss_weight * (alpha * TCKD + beta * NCKD), logged as loss_tckd and loss_nckd."""
+    teacher_logits_only = True
     name = 'dkd'
 
     @classmethod

@@ -17,6 +17,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 class KD(Distiller):
     """Total = (1 - alpha) * CE + alpha * kd_loss, alpha = --kd-loss-weight (default 0.5)."""
+    teacher_logits_only = True
     name = 'kd'
     default_kd_loss_weight = 0.5
     gt_complements_kd = True

@@ -45,6 +45,7 @@ def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 
 class NKD(Distiller):
     """Total = CE + kd_loss_weight * (L_t + L_nt), logged as loss_nkd_target and loss_nkd_nontarget."""
+    teacher_logits_only = True
     name = 'nkd'
 
     @classmethod

@@ -36,6 +36,7 @@ def wsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 
 class WSLD(Distiller):
     """Total = CE + kd_loss_weight * wsld_loss, logged as loss_wsld."""
+    teacher_logits_only = True
     name = 'wsld'
 
     @classmethod
