@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 from timm.utils import accuracy
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
+from cli import IMAGE_RULES, ArgumentParser, UsageError, check_values, number
 from data import DatasetError, create_eval_dataset
 from data.errors import user_message
 from data.loader import build_eval_transform, create_eval_loader
@@ -36,48 +37,48 @@ from models.factory import ModelError, create_model_at_size
 _logger = logging.getLogger('validate')
 
 
-class UsageError(Exception):
-    pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 parser = ArgumentParser(description='UFD-KD validation')
 parser.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional, as in timm)')
 parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
 parser.add_argument('--dataset', metavar='NAME', default='',
                     help='"" / imagefolder, torch/cifar100, torch/cifar10, synthetic, or a timm dataset name')
 parser.add_argument('--split', metavar='NAME', default='val', help='dataset split (default: val)')
-parser.add_argument('--synthetic-classes', type=int, default=None, metavar='N',
+parser.add_argument('--synthetic-classes', type=number(int, 2), default=None, metavar='N',
                     help='synthetic: classes (default: from the checkpoint\'s run, else 10)')
-parser.add_argument('--synthetic-train-size', type=int, default=None, metavar='N',
+parser.add_argument('--synthetic-train-size', type=number(int, 1), default=None, metavar='N',
                     help='synthetic, --split train: train images (default: the checkpoint\'s run\'s, else 5000)')
-parser.add_argument('--synthetic-val-size', type=int, default=None, metavar='N',
+parser.add_argument('--synthetic-val-size', type=number(int, 1), default=None, metavar='N',
                     help='synthetic: val images (default: the checkpoint\'s run\'s, else 1000)')
 parser.add_argument('--synthetic-seed', type=int, default=None, metavar='S', help='synthetic: seed')
+parser.add_argument('--synthetic-superclasses', type=number(int, 0), default=None, metavar='S',
+                    help='synthetic: superclasses (default: the checkpoint\'s run\'s, else 0)')
+parser.add_argument('--synthetic-train-fraction', type=number(float, 0, 1, low_open=True), default=None,
+                    metavar='F', help='synthetic, --split train: fraction trained on (default: the checkpoint\'s '
+                                      'run\'s, else 1)')
 parser.add_argument('--model', '-m', default='', metavar='NAME', help='model name (default: the checkpoint\'s arch)')
 parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='checkpoint file or folder')
-parser.add_argument('--use-ema', action='store_true', default=False, help='evaluate the EMA weights')
-parser.add_argument('--pretrained', action='store_true', default=False, help='timm pretrained weights')
-parser.add_argument('--num-classes', type=int, default=None, help='classes (default: the checkpoint\'s)')
-parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size')
+parser.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=False, help='evaluate the EMA weights')
+parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
+                    help='timm pretrained weights')
+parser.add_argument('--num-classes', type=number(int, 1), default=None, help='classes (default: the checkpoint\'s)')
+parser.add_argument('--img-size', default=None, type=number(int, 1), metavar='N', help='input image size')
 parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='input size C H W')
-parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop ratio')
+parser.add_argument('--crop-pct', default=None, type=number(float, 0, low_open=True), metavar='N',
+                    help='center crop ratio')
 parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='dataset mean')
 parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='dataset std')
 parser.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
-parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size')
-parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading processes')
-parser.add_argument('--amp', action='store_true', default=False, help='mixed precision (autocast)')
+parser.add_argument('-b', '--batch-size', default=256, type=number(int, 1), metavar='N', help='batch size')
+parser.add_argument('-j', '--workers', default=4, type=number(int, 0), metavar='N', help='data loading processes')
+parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False, help='mixed precision (autocast)')
 parser.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'], help='autocast dtype')
-parser.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
+                    help='channels_last memory layout')
 parser.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
 parser.add_argument('--results-file', default='', type=str, metavar='FILE', help='write the results here')
 parser.add_argument('--results-format', default='csv', choices=['csv', 'json'], help='format of --results-file')
-parser.add_argument('--debug', action='store_true', default=False, help='show tracebacks of user errors')
+parser.add_argument('--debug', action=argparse.BooleanOptionalAction, default=False,
+                    help='show tracebacks of user errors')
 
 
 def checkpoint_files(path):
@@ -114,25 +115,35 @@ def validate_one(args, checkpoint_path, device):
     kwargs = dict(pretrained=args.pretrained)
     if num_classes:
         kwargs['num_classes'] = num_classes
-    model = create_model_at_size(model_name, img_size, **kwargs)
+    model = create_model_at_size(model_name, img_size, weights_hint='pass --checkpoint FILE instead', **kwargs)
     if state is not None:
-        load_model_weights(model, checkpoint_path, use_ema=args.use_ema, who='model', checkpoint=ckpt)
+        load_model_weights(model, checkpoint_path, use_ema=args.use_ema, who='model', checkpoint=ckpt,
+                           classes_hint='drop --num-classes to take the checkpoint\'s' if args.num_classes else '')
     data_args = {k: v for k, v in vars(args).items() if k in ('crop_pct', 'mean', 'std', 'interpolation')}
     for key in ('mean', 'std', 'crop_pct', 'interpolation'):
         if not data_args.get(key) and saved_data.get(key) is not None:
             data_args[key] = saved_data[key]
     data_args['input_size'] = img_size
     data_config = resolve_data_config(data_args, model=model)
-    dataset_name = args.dataset if args.dataset else run_args.get('dataset', '')
+    dataset_name, data_dir = args.dataset, args.data_dir or args.data
+    if not dataset_name and not data_dir and run_args:
+        # the dataset the checkpoint's run trained on (its data_dir is as that run's command gave it)
+        dataset_name = run_args.get('dataset') or ''
+        data_dir = run_args.get('data_dir') or run_args.get('data')
+        _logger.info(f'dataset of the checkpoint\'s run: --dataset {dataset_name or "imagefolder"}'
+                     + (f' --data-dir {data_dir}' if data_dir and dataset_name.lower() != 'synthetic' else ''))
     # the synthetic set's samples depend on its size: the run's size of the split gives back the run's images
     if args.split == 'train':
         synthetic_size = args.synthetic_train_size or run_args.get('synthetic_train_size', 5000)
     else:
         synthetic_size = args.synthetic_val_size or run_args.get('synthetic_val_size', 1000)
     dataset = create_eval_dataset(
-        dataset_name, args.data_dir or args.data, args.split, int(data_config['input_size'][-1]),
+        dataset_name, data_dir, args.split, int(data_config['input_size'][-1]),
         args.synthetic_classes or run_args.get('synthetic_classes', 10), synthetic_size,
-        args.synthetic_seed if args.synthetic_seed is not None else run_args.get('synthetic_seed', 0))
+        args.synthetic_seed if args.synthetic_seed is not None else run_args.get('synthetic_seed', 0),
+        args.synthetic_superclasses if args.synthetic_superclasses is not None
+        else run_args.get('synthetic_superclasses', 0),
+        args.synthetic_train_fraction or run_args.get('synthetic_train_fraction', 1.0))
     loader = create_eval_loader(dataset, build_eval_transform(data_config), args.batch_size, args.workers)
 
     model.to(device).eval()
@@ -186,6 +197,7 @@ def write_results(rows, path, fmt):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    check_values(args, IMAGE_RULES)
     logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if not args.checkpoint and not args.pretrained:

@@ -1,12 +1,18 @@
 """The dispatch table from --distiller NAME to its class. One file per method."""
 from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .bkd import BKD
+from .correlation import Correlation
+from .crd import CRD
+from .ctkd import CTKD
 from .dist import DIST
 from .dkd import DKD
 from .fitnet import FitNet
 from .kd import KD, kd_loss
 from .mgd import MGD
+from .mlkd import MLKD
 from .nkd import NKD
 from .ofa import OFA
+from .rkd import RKD
 from .scalekd import ScaleKD
 from .srrl import SRRL
 from .ufd import UFD
@@ -25,9 +31,15 @@ DISTILLERS = {
     'nkd': NKD,
     'uskd': USKD,
     'dist': DIST,
+    'bkd': BKD,
+    'ctkd': CTKD,
+    'mlkd': MLKD,
     'fitnet': FitNet,
     'mgd': MGD,
     'srrl': SRRL,
+    'crd': CRD,
+    'rkd': RKD,
+    'correlation': Correlation,
     'vitkd': ViTKD,
     'vitkd_nkd': ViTKDNKD,
     'ofa': OFA,

@@ -9,13 +9,21 @@ in eval mode).
 `forward(images, labels, epoch)` returns `(student_logits, losses)`, where `losses` maps names to scalar
 tensors that are already weighted, the task term `loss_gt` included. train.py sums them and never
 re-weights.
+
+What a batch carries beyond (images, labels) is declared by class attributes, which train.py reads to build the
+training loader (data/loader.py) without naming any method:
+- `needs_sample_indices`: forward also receives `sample_index`, the (B,) int64 dataset index of every sample
+  (global under DDP: each rank gets its own samples' indices), and train.py calls `set_train_targets` once,
+  before training and before a resume loads the distiller state, with the class of every training sample.
+- `two_view`: `images` holds two views of each sample, (2B, C, H, W): rows 0..B-1 the ordinary training view,
+  rows B..2B-1 a strong view (the same timm steps drawn again, plus data/mlkd_augment.py's RandAugment); `labels`
+  stays (B,). Both views are a function of (seed, epoch, sample), as the single view is.
 """
 import contextlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from models.features import FeatureAdapter, FeatureRequest, Features
 
@@ -41,115 +49,19 @@ def float32_loss(device_type: str):
         yield
 
 
-def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    """sum(x^2) through `vector_norm`, which writes no squares, in two levels: the norms along the dimension that
-    is contiguous in memory, then the sum of their squares. One `vector_norm` over 100M float32 elements on the
-    CPU accumulates them in sequence and is off by about 1%; short rows and PyTorch's cascaded `sum` are
-    accurate to float32 rounding."""
-    dims = [d for d in range(x.ndim) if x.shape[d] > 1]
-    if len(dims) < 2:  # one long row (not a map): the cascaded sum of written squares
-        return x.pow(2).sum()
-    inner = min(dims, key=lambda d: abs(x.stride(d)))
-    return torch.linalg.vector_norm(x, dim=inner).square().sum()
-
-
-# squared_error_sum runs on the kernels of distillers/base_triton.py where they can (set False to compare)
-FUSED_KERNELS = True
-
-
-def kernel_ready(*maps: torch.Tensor) -> bool:
-    """Whether a fused Triton kernel (this project's: base_triton.py, ufd_triton.py) may take these maps: CUDA
-    tensors on one device, of float32, bfloat16 or float16, and not inference tensors (the kernels' backward reads
-    the maps, and autograd cannot save those), outside torch.compile's tracing (which fuses the eager form
-    itself). Each caller adds its own layout condition."""
-    if torch.compiler.is_compiling() or not all(
-            m.is_cuda and m.dtype in (torch.float32, torch.bfloat16, torch.float16) and not m.is_inference()
-            for m in maps):
-        return False
-    return len({m.device for m in maps}) == 1  # two devices: the eager path raises PyTorch's own error
-
-
-def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when both tensors' elements fill numel() consecutive memory slots in the same order (contiguous,
-    channels_last, any permutation, as long as it is the same one): the element at one offset from one's start is
-    the element at that offset from the other's, so a kernel can walk both as flat arrays."""
-    sized = [(size, sa, sb) for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size > 1]
-    expected = 1
-    for size, stride_a, stride_b in sorted(sized, key=lambda d: d[1]):
-        if stride_a != expected or stride_b != expected:
-            return False
-        expected *= size
-    return True
-
-
-def fused_squared_error_kernels(student: torch.Tensor, teacher: torch.Tensor):
-    """distillers/base_triton.py where its kernels can run on these maps (`kernel_ready`, non-empty, in one dense
-    layout) and Triton imports; None otherwise (the eager path, which saves only the maps' difference)."""
-    if not FUSED_KERNELS or student.numel() == 0 or not kernel_ready(student, teacher):
-        return None
-    if not same_dense_layout(student, teacher):
-        return None
-    try:
-        from . import base_triton
-    except ImportError:  # a CUDA build of torch without Triton (Windows, some source builds)
-        return None
-    return base_triton
-
-
-class _SquaredErrorSum(torch.autograd.Function):
-    """sum((s - t)^2) in float32 at least, for maps of any float dtype, with a hand-written backward.
-
-    Autograd of the plain expression `(s.float() - t.float()).pow(2).sum()` writes a float32 copy of each
-    low-precision input, the difference and the squares, and its backward reads them again: on a bf16 map of
-    100M elements (FitNet's first stage at batch 128) that is about 4 GB of memory traffic per step. Here the
-    difference is the one float32 temporary (saved for the backward): when either map is float32 already (the
-    teacher's are: `teacher_forward` returns float32), the subtraction widens the other inside its own kernel;
-    two low-precision maps cost one float32 copy of the student. The sum of squares reads the difference
-    without writing squares, and each gradient 2 g (s - t) is written once, in its input's dtype: about half the
-    traffic, and the same float32 math. On a GPU the kernels of distillers/base_triton.py go further: one pass
-    over both maps forward, one backward, and no difference written at all."""
-
-    @staticmethod
-    def forward(ctx, student, teacher):
-        ctx.kernels = fused_squared_error_kernels(student, teacher)
-        if ctx.kernels is not None:
-            ctx.save_for_backward(student, teacher)
-            return ctx.kernels.squared_error_sum(student, teacher)
-        ctx.input_dtypes = (student.dtype, teacher.dtype)
-        wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-        if student.dtype != wide and teacher.dtype != wide:
-            student = student.to(wide)
-        difference = student - teacher
-        ctx.save_for_backward(difference)
-        return _sum_of_squares(difference)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        if ctx.kernels is not None:
-            student, teacher = ctx.saved_tensors
-            return ctx.kernels.squared_error_gradients(student, teacher, grad, *ctx.needs_input_grad)
-        difference, = ctx.saved_tensors
-        student_dtype, teacher_dtype = ctx.input_dtypes
-        grad_student = grad_teacher = None
-        if ctx.needs_input_grad[0]:
-            grad_student = torch.mul(difference, 2 * grad, out=torch.empty_like(difference, dtype=student_dtype))
-        if ctx.needs_input_grad[1]:
-            grad_teacher = torch.mul(difference, -2 * grad, out=torch.empty_like(difference, dtype=teacher_dtype))
-        return grad_student, grad_teacher
-
-
-def squared_error_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """sum((student - teacher)^2) over every element of two maps of the same shape, in float32 (or wider) and
-    without float32 copies of low-precision inputs; each gradient comes back in its input's dtype."""
-    if student.shape != teacher.shape:
-        raise ValueError(f'squared_error_sum needs maps of one shape, got {tuple(student.shape)} and '
-                         f'{tuple(teacher.shape)}')
-    return _SquaredErrorSum.apply(student, teacher)
-
-
 class DistillerError(ValueError):
     """The distiller cannot serve this student/teacher pair or these settings (raised before training)."""
+
+
+def broadcast_values(values, count: int, flag: str) -> list:
+    """A flag that takes one value or one per item (stage, projector): that value repeated `count` times, or
+    exactly `count` values."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise DistillerError(f'{flag} takes one value or {count}, got {len(values)}')
+    return values
 
 
 class Distiller(nn.Module):
@@ -161,14 +73,21 @@ class Distiller(nn.Module):
     # weights applied when --gt-loss-weight / --kd-loss-weight are not given (the method's own spec values)
     default_gt_loss_weight = 1.0
     default_kd_loss_weight = 1.0
-    # KD-style objectives weigh the task loss by 1 - alpha when --gt-loss-weight is not given (logit.md §1)
+    # KD-style objectives weigh the task loss by 1 - alpha when --gt-loss-weight is not given
+    # (docs/methods/logit.md §1)
     gt_complements_kd = False
+    # True where the method has a logit-standardized form (--logit-standardize, distillers/logit_standardization.py);
+    # every other distiller refuses the flag rather than ignore it
+    accepts_logit_standardize = False
     # set where some trainable parameters legitimately get no gradient in a step
     find_unused_parameters = False
     # the teacher forward runs under torch.inference_mode (no autograd bookkeeping at all); its float32 outputs
     # are then cloned into normal tensors, which autograd may save. A method that needs the teacher's autograd
     # graph sets this to False (no_grad is used then). benchmark.py measures both.
     teacher_inference_mode = True
+    # batch extras (module docstring): the dataset index of each sample, and a second (strong) view of each image
+    needs_sample_indices = False
+    two_view = False
 
     @classmethod
     def add_args(cls, parser):
@@ -187,6 +106,10 @@ class Distiller(nn.Module):
         kd = getattr(args, 'kd_loss_weight', None)
         self.kd_loss_weight = self.default_kd_loss_weight if kd is None else float(kd)
         self.gt_loss_weight = self.resolve_gt_loss_weight() if gt is None else float(gt)
+        self.logit_standardize = bool(getattr(args, 'logit_standardize', False))
+        if self.logit_standardize and not self.accepts_logit_standardize:
+            raise DistillerError(f'distiller {self.name!r} has no logit-standardized form; drop --logit-standardize '
+                                 f'(it applies to kd, dkd, mlkd and ctkd)')
         self.teacher_train_mode = bool(getattr(args, 'teacher_train_mode', False))
         self._student_adapter = None
         self._teacher_adapter = None
@@ -198,7 +121,12 @@ class Distiller(nn.Module):
             teacher.train(self.teacher_train_mode)
 
     def resolve_gt_loss_weight(self) -> float:
-        return 1.0 - self.kd_loss_weight if self.gt_complements_kd else self.default_gt_loss_weight
+        if not self.gt_complements_kd:
+            return self.default_gt_loss_weight
+        if self.kd_loss_weight > 1.0:  # 1 - alpha would be a negative task weight (docs/methods/logit2.md §1)
+            raise DistillerError(f'--kd-loss-weight {self.kd_loss_weight:g} is above 1, so the task weight cannot be '
+                                 f'1 - alpha; set --gt-loss-weight as well (e.g. 0.1 with --kd-loss-weight 9)')
+        return 1.0 - self.kd_loss_weight
 
     # ---------------------------------------------------------------- features
     @property
@@ -291,6 +219,15 @@ class Distiller(nn.Module):
 
     def extra_parameters(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith('student.'))
+
+    def set_train_targets(self, targets: Sequence[int]):
+        """The class of every training sample, in dataset order; called only where `needs_sample_indices`."""
+
+    def rollback_buffers(self) -> list:
+        """The floating buffers that train.py's NaN check copies before every step and puts back after a non-finite
+        one (the forward has already moved BatchNorm statistics): all of them. A method that writes a large buffer
+        only in steps whose total loss is finite on every rank leaves it out (distillers/crd.py's memory banks)."""
+        return [b for b in self.buffers() if b.is_floating_point()]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0
                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

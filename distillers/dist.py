@@ -1,4 +1,4 @@
-"""DIST: Huang et al., "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022). Spec: others.md §5.
+"""DIST: Huang et al., "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022). Spec: docs/methods/others.md §5.
 
 Matches relations instead of probabilities: the Pearson correlation between student and teacher
 predictions of each sample across classes (inter-class) and of each class across the batch (intra-class).

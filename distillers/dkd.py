@@ -1,4 +1,5 @@
-"""DKD: Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022). Spec: logit.md §2, flags: others.md §4.
+"""DKD: Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022). Spec: docs/methods/logit.md §2, flags:
+docs/methods/others.md §4.
 
 KD split into a target-vs-rest binary KL (TCKD) and a KL over the non-target classes only (NCKD).
 """
@@ -7,6 +8,7 @@ from typing import Tuple
 import torch
 
 from .base import Distiller, DistillerError, class_mask, float32_loss, hard_targets
+from .logit_standardization import add_logit_standardize_arg, distillation_logits
 
 
 def dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -52,8 +54,12 @@ def dkd_warmup_factor(epoch: int, warmup_epochs: int) -> float:
 
 
 class DKD(Distiller):
-    """Total = CE + w(e) * kd_loss_weight * (alpha * TCKD + beta * NCKD), logged as loss_tckd and loss_nckd."""
+    """Total = CE + w(e) * kd_loss_weight * (alpha * TCKD + beta * NCKD), logged as loss_tckd and loss_nckd.
+
+    With --logit-standardize both terms see the z-scored logits and --dkd-temperature is the base temperature
+    (docs/methods/logit2.md §1); the target index and the CE term are unchanged."""
     teacher_logits_only = True
+    accepts_logit_standardize = True
     name = 'dkd'
 
     @classmethod
@@ -67,6 +73,7 @@ class DKD(Distiller):
                             help='dkd: softmax temperature (default: 1)')
         parser.add_argument('--dkd-warmup', type=int, default=0, metavar='W',
                             help='dkd: ramp the loss by min((epoch+1)/W, 1); 0 = no ramp (default: 0)')
+        add_logit_standardize_arg(parser)
 
     def __init__(self, student, teacher, criterion, args, input_size):
         super().__init__(student, teacher, criterion, args, input_size)
@@ -83,7 +90,8 @@ class DKD(Distiller):
     def forward(self, images, labels, epoch=0):
         teacher_logits = self.teacher_forward(images).logits
         student_logits = self.student(images)
-        tckd, nckd = dkd_per_sample(student_logits, teacher_logits, hard_targets(labels), self.temperature)
+        dkd_student, dkd_teacher = distillation_logits(student_logits, teacher_logits, self.logit_standardize)
+        tckd, nckd = dkd_per_sample(dkd_student, dkd_teacher, hard_targets(labels), self.temperature)
         scale = self.kd_loss_weight * dkd_warmup_factor(epoch, self.warmup_epochs)
         losses = {
             'loss_gt': self.gt_loss(student_logits, labels),

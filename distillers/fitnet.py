@@ -1,5 +1,5 @@
 """FitNet: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015), as OFAKD computes it, generalized to
-any student/teacher pair through the adapter's stage features. Spec: others.md §6."""
+any student/teacher pair through the adapter's stage features. Spec: docs/methods/others.md §6."""
 from typing import Tuple
 
 import torch
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from models.features import FeatureRequest
 
-from .base import Distiller, float32_loss, squared_error_sum
+from .base import Distiller, DistillerError, float32_loss
+from .kernels.squared_error import squared_error_sum
 
 
 def fitnet_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,22 @@ class FitNet(Distiller):
 
     @classmethod
     def add_args(cls, parser):
-        parser.add_argument('--fitnet-stage', type=int, nargs='+', default=[1, 2, 3, 4], metavar='S',
-                            help='stages (1-based, -1 = last) whose maps the student regresses (default: 1 2 3 4)')
+        parser.add_argument('--fitnet-stage', type=int, nargs='+', default=None, metavar='S',
+                            help='stages (1-based, -1 = last) whose maps the student regresses (default: every '
+                                 'stage of the student: 1 2 3 4 on four-stage models, 1 2 3 on the CIFAR ResNets '
+                                 'and WRNs)')
         parser.add_argument('--fitnet-loss-weight', type=float, default=1.0, metavar='W',
                             help='weight of the summed fitnet hint losses (default: 1)')
 
     def __init__(self, student, teacher, criterion, args, input_size):
         super().__init__(student, teacher, criterion, args, input_size)
-        self.stages: Tuple[int, ...] = tuple(dict.fromkeys(int(s) for s in args.fitnet_stage))
+        requested = getattr(args, 'fitnet_stage', None)
+        if requested is None:
+            try:
+                requested = range(1, self.student_adapter.description.num_stages + 1)
+            except ValueError as e:
+                raise DistillerError(f'fitnet cannot read the student: {e}') from None
+        self.stages: Tuple[int, ...] = tuple(dict.fromkeys(int(s) for s in requested))
         self.fitnet_loss_weight = float(args.fitnet_loss_weight)
         self.request = FeatureRequest(stages=self.stages)
         self.check_features(self.request)

@@ -1,8 +1,9 @@
-"""KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015). Spec: logit.md §1."""
+"""KD: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015). Spec: docs/methods/logit.md §1."""
 import torch
 import torch.nn.functional as F
 
 from .base import Distiller, float32_loss
+from .logit_standardization import add_logit_standardize_arg, distillation_logits
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,8 +17,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class KD(Distiller):
-    """Total = (1 - alpha) * CE + alpha * kd_loss, alpha = --kd-loss-weight (default 0.5)."""
+    """Total = (1 - alpha) * CE + alpha * kd_loss, alpha = --kd-loss-weight (default 0.5).
+
+    With --logit-standardize, kd_loss sees the z-scored logits of both models and --kd-temperature is the base
+    temperature (docs/methods/logit2.md §1); the CE term keeps the raw logits."""
     teacher_logits_only = True
+    accepts_logit_standardize = True
     name = 'kd'
     default_kd_loss_weight = 0.5
     gt_complements_kd = True
@@ -25,18 +30,20 @@ class KD(Distiller):
     @classmethod
     def add_args(cls, parser):
         parser.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
-                            help='temperature of kd (and of the logit term of ufd/scalekd) (default: 1)')
+                            help='temperature of kd, and of the logit term of ufd/scalekd where '
+                                 '--ufd-temperature/--scalekd-temperature is not given (default: 1)')
+        add_logit_standardize_arg(parser)
 
     def __init__(self, student, teacher, criterion, args, input_size):
         super().__init__(student, teacher, criterion, args, input_size)
         self.temperature = float(args.kd_temperature)
 
-
     def forward(self, images, labels, epoch=0):
         teacher_logits = self.teacher_forward(images).logits
         student_logits = self.student(images)
+        kd_student, kd_teacher = distillation_logits(student_logits, teacher_logits, self.logit_standardize)
         losses = {
             'loss_gt': self.gt_loss(student_logits, labels),
-            'loss_kd': self.kd_loss_weight * kd_loss(student_logits, teacher_logits, self.temperature),
+            'loss_kd': self.kd_loss_weight * kd_loss(kd_student, kd_teacher, self.temperature),
         }
         return student_logits, losses

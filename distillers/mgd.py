@@ -1,5 +1,5 @@
 """MGD: Yang et al., "Masked Generative Distillation" (ECCV 2022), as cls_KD applies it to classification.
-Spec: feature.md §1."""
+Spec: docs/methods/feature.md §1."""
 from typing import Optional
 
 import torch
@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from models.features import FeatureRequest
 
-from .base import Distiller, DistillerError, float32_loss, squared_error_sum
+from .base import Distiller, DistillerError, float32_loss
+from .kernels.squared_error import squared_error_sum
 
 
 def mgd_loss(generated: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:

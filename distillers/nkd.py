@@ -1,5 +1,5 @@
 """NKD: Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
-Normalized Loss and Customized Soft Labels" (ICCV 2023), its teacher half. Spec: logit.md §4.
+Normalized Loss and Customized Soft Labels" (ICCV 2023), its teacher half. Spec: docs/methods/logit.md §4.
 
 L_t weights the student's log-probability of the label by the teacher's target probability (tau = 1);
 L_nt is the cross-entropy between the teacher's and the student's distributions renormalized over the

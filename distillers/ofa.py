@@ -1,5 +1,5 @@
 """OFA: Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
-Distillation" (NeurIPS 2023). Spec: shared/methods/ofa.md.
+Distillation" (NeurIPS 2023). Spec: docs/methods/ofa.md.
 
 Every chosen student stage gets a training-only branch that maps its features straight to K logits; each
 branch and the student's own logits learn the teacher's logits through the OFA loss. The teacher gives
@@ -186,8 +186,10 @@ class OFA(Distiller):
         parser.add_argument('--ofa-eps', type=float, nargs='+', default=[1.0], metavar='EPS',
                             help='target-enhancement exponent: one value for every term, or one per '
                                  '--ofa-stage followed by the one of the final logits (default: 1)')
-        parser.add_argument('--ofa-stage', type=int, nargs='+', default=[1, 2, 3, 4], metavar='S',
-                            help='student stages (1-based) that get a branch (default: 1 2 3 4)')
+        parser.add_argument('--ofa-stage', type=int, nargs='+', default=None, metavar='S',
+                            help='student stages (1-based) that get a branch (default: every stage of the '
+                                 'student: 1 2 3 4 on four-stage models, as OFAKD; 1 2 3 on the CIFAR '
+                                 'ResNets and WRNs)')
         parser.add_argument('--ofa-loss-weight', type=float, default=1.0, metavar='W',
                             help='weight on the sum of the branch losses (default: 1)')
         parser.add_argument('--ofa-temperature', type=float, default=1.0, metavar='T',
@@ -195,7 +197,14 @@ class OFA(Distiller):
 
     def __init__(self, student, teacher, criterion, args, input_size):
         super().__init__(student, teacher, criterion, args, input_size)
-        stages = _as_list(getattr(args, 'ofa_stage', [1, 2, 3, 4]), int, '--ofa-stage')
+        try:
+            student_desc = self.student_adapter.description
+            teacher_desc = self.teacher_adapter.description
+        except ValueError as e:
+            raise DistillerError(f'ofa cannot read this model: {e}') from None
+        requested = getattr(args, 'ofa_stage', None)
+        stages = _as_list(requested, int, '--ofa-stage') if requested is not None else \
+            list(range(1, student_desc.num_stages + 1))
         eps = _as_list(getattr(args, 'ofa_eps', [1.0]), float, '--ofa-eps')
         self.ofa_loss_weight = float(getattr(args, 'ofa_loss_weight', 1.0))
         self.temperature = float(getattr(args, 'ofa_temperature', 1.0))
@@ -218,11 +227,6 @@ class OFA(Distiller):
         self.stage_eps = tuple(eps[:-1])
         self.logit_eps = eps[-1]
 
-        try:
-            student_desc = self.student_adapter.description
-            teacher_desc = self.teacher_adapter.description
-        except ValueError as e:
-            raise DistillerError(f'ofa cannot read this model: {e}') from None
         available = list(range(1, student_desc.num_stages + 1))
         missing = [s for s in stages if s not in available]
         if missing:

@@ -1,14 +1,15 @@
 """ScaleKD: Fan et al., "ScaleKD: Strong Vision Transformers Could Be Excellent Teachers" (NeurIPS 2024).
-Spec: scalekd.md.
+Spec: docs/methods/scalekd.md.
 
-Student stages 3 and 4 are projected by cross-attention projectors (the CAP of distillers/ufd.py) and compared
-with the teacher's normalized last-stage map in two views, spatial and frequency (the spatial mean removed,
-which is exactly what zeroing the DCT's DC coefficient does). Teacher parameter perception: the stage-3
-projection runs through the frozen teacher's last stage with autograd on, and its output is both compared
-with the teacher's map and used as the query of the stage-4 projector. Each view is its own chain of CAPs.
+Student stages 3 and 4 are projected by cross-attention projectors (distillers/cap.py) and compared with the
+teacher's normalized last-stage map (distillers/final_map.py) in two views, spatial and frequency (the spatial
+mean removed, which is exactly what zeroing the DCT's DC coefficient does; distillers/frequency.py). Teacher
+parameter perception: the stage-3 projection runs through the frozen teacher's last stage with autograd on, and
+its output is both compared with the teacher's map and used as the query of the stage-4 projector. Each view is
+its own chain of CAPs.
 
-Student taps (scalekd.md §2): stage 3 is the stage before the last of hierarchical models (CNN, Swin,
-ConvNeXt), and for plain token models (ViT, Mixer) the raw output of the block that ends the third quarter
+Student taps (docs/methods/scalekd.md §2): stage 3 is the stage before the last of hierarchical models (CNN,
+Swin, ConvNeXt), and for plain token models (ViT, Mixer) the raw output of the block that ends the third quarter
 (block 9 of 12); stage 4 is the final pre-pooling map (`forward_features`, normalized where the model's own
 is). The teacher's last stage is found by family through timm's own modules (`TeacherLastStage`).
 """
@@ -20,17 +21,18 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from models.cifar import CifarResNet, CifarVgg, CifarWideResNet
 from models.features import FeatureRequest, to_map, to_tokens
-from .base import Distiller, DistillerError, float32_loss
-from .kd import kd_loss
-from .ufd import (CrossAttentionProjector, broadcast_values, cap_no_weight_decay, check_feature_maps,
-                  decoupled_losses, default_num_heads, head_norm_on_map, normalized_squared_error,
-                  warn_train_mode_batchnorm)
+from .base import DistillerError, broadcast_values, float32_loss
+from .cap import CrossAttentionProjector, cap_no_weight_decay, default_num_heads
+from .final_map import FinalMapDistiller, add_temperature_arg, head_norm_on_map
+from .frequency import check_feature_maps, decoupled_losses, normalized_squared_error
 
 
 # ---------------------------------------------------------------------------------------------- loss math
 def dfm_spatial_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Spatial view, unweighted: sum over (b, h, w) of ||n_C(S) - n_C(T)||^2, divided by B (scalekd.md §5)."""
+    """Spatial view, unweighted: sum over (b, h, w) of ||n_C(S) - n_C(T)||^2, divided by B
+    (docs/methods/scalekd.md §5)."""
     check_feature_maps(student, teacher)
     with float32_loss(student.device.type):
         return normalized_squared_error(student.float(), teacher.float(), dim=1)
@@ -40,7 +42,7 @@ def dfm_frequency_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     """Frequency view, unweighted: the spatial view after removing each channel's spatial mean (the DC part).
 
     This is the AC term of UFD's spatial branch. AC vectors that are zero up to rounding count as exact zeros, with
-    no gradient (see `ufd.squared_errors_and_gradients`).
+    no gradient (see `squared_errors_and_gradients` in distillers/frequency.py).
     """
     return decoupled_losses(student, None, teacher)[1]
 
@@ -51,15 +53,17 @@ class TeacherLastStage:
 
     Input: a (B, C, H, W) map shaped like the teacher's stage before the last (`description.stage(-2)`).
     Output: a (B, C_t, H_t, W_t) map in the layout of the teacher's normalized final map, so that it is
-    comparable with the target. Rules, by timm family (scalekd.md §4, §10.10):
+    comparable with the target. Rules, by timm family (docs/methods/scalekd.md §4, §10.10):
     - Swin: `layers[-1]` (patch merging + last blocks, NHWC) + `norm`;
     - ConvNeXt: `stages[-1]` + `norm_pre`, then the head's norm on the map;
     - ResNet: `layer4`;
+    - the CIFAR ResNets, WRNs and VGGs of models/cifar.py: their steps after the stage-before-last tap, then
+      their final norm (a WRN's BN + ReLU), as their own `forward_features` runs them;
     - ViT/DeiT: the blocks after the stage-3 tap (the last two of 12) + `norm` (+ `fc_norm` on the map), with
       the teacher's own prefix tokens at that depth put back in front.
     A plain object, not a module: the teacher must not become part of the distiller.
     """
-    families = 'Swin, ConvNeXt, ResNet, ViT/DeiT'
+    families = 'Swin, ConvNeXt, ResNet, ViT/DeiT, CIFAR ResNet/WRN/VGG'
 
     def __init__(self, teacher: nn.Module, adapter):
         self.teacher = teacher
@@ -73,6 +77,9 @@ class TeacherLastStage:
             self.run = self._convnext
         elif isinstance(teacher, ResNet):
             self.run = self._resnet
+        elif isinstance(teacher, (CifarResNet, CifarWideResNet, CifarVgg)):
+            self.first_step = self.input_tap.index + 1
+            self.run = self._cifar
         elif isinstance(teacher, VisionTransformer):
             self.first_block = self.input_tap.index + 1
             self.run = self._vit
@@ -117,6 +124,12 @@ class TeacherLastStage:
     def _resnet(self, x, prefix):
         return self.teacher.layer4(x)
 
+    def _cifar(self, x, prefix):
+        # a models/cifar.py network is a list of tap steps (step i maps tap i-1 to tap i) and a final norm
+        for step in self.teacher._steps()[self.first_step:]:
+            x = step(x)
+        return self.teacher._final_norm(x)
+
     def _vit(self, x, prefix):
         t = self.teacher
         tokens = to_tokens(x)
@@ -131,11 +144,9 @@ class TeacherLastStage:
 VIEWS = (('spatial', dfm_spatial_loss, ''), ('frequency', dfm_frequency_loss, '_alt'))
 
 
-class ScaleKD(Distiller):
+class ScaleKD(FinalMapDistiller):
     """Total = w_gt * CE + w_kd * kd_loss(T) + the weighted spatial and frequency terms of stages 3 and 4."""
     name = 'scalekd'
-    default_kd_loss_weight = 0.5
-    gt_complements_kd = True
 
     @classmethod
     def add_args(cls, parser):
@@ -151,10 +162,10 @@ class ScaleKD(Distiller):
         parser.add_argument('--scalekd-heads', type=int, nargs='+', default=None,
                             help='attention heads per stage; one value or one per stage (default: the largest '
                                  'divisor of the projector width not above width/64)')
+        add_temperature_arg(parser, 'scalekd')
 
     def __init__(self, student, teacher, criterion, args, input_size):
-        super().__init__(student, teacher, criterion, args, input_size)
-        self.temperature = float(getattr(args, 'kd_temperature', 1.0))
+        super().__init__(student, teacher, criterion, args, input_size, temperature=args.scalekd_temperature)
         raw_stages = args.scalekd_stages
         stages = sorted({int(s) for s in (raw_stages if isinstance(raw_stages, (list, tuple)) else [raw_stages])})
         if not stages or not set(stages) <= {3, 4}:
@@ -181,7 +192,6 @@ class ScaleKD(Distiller):
             raise DistillerError(f'scalekd needs the stage features of both models: {e}') from None
         if views3 and student_desc.num_stages < 2:
             raise DistillerError('scalekd stage 3 needs a student with at least two stages')
-        self.teacher_map_norm = head_norm_on_map(teacher)
         self.teacher_grid = teacher_desc.final.grid
         norm_layer = LayerNorm2d if isinstance(student, ConvNeXt) else nn.BatchNorm2d
 
@@ -223,20 +233,12 @@ class ScaleKD(Distiller):
         self.stage3_grid = self.teacher_last_stage.input_tap.grid if views3 else None
         self.student_request = student_request
         self.teacher_request = teacher_request
-        warn_train_mode_batchnorm(self)
 
     def no_weight_decay(self):
         return cap_no_weight_decay(self)
 
     def forward(self, images, labels, epoch=0):
-        teacher = self.teacher_forward(images, self.teacher_request)
-        with torch.no_grad():
-            target = self.teacher_map_norm(teacher.final).float()
-        student = self.student_forward(images, self.student_request)
-        logits = student.logits
-        losses = {'loss_gt': self.gt_loss(logits, labels)}
-        if self.kd_loss_weight:
-            losses['loss_kd'] = self.kd_loss_weight * kd_loss(logits, teacher.logits, self.temperature)
+        student, teacher, target, losses = self.final_map_forward(images, labels)
         if len(self.stage3):
             s3 = student.blocks[self.student_block3] if self.student_block3 is not None else student.stages[-2]
             prefix = teacher.prefix.get(-2)
@@ -251,4 +253,4 @@ class ScaleKD(Distiller):
             if view in self.stage4:
                 out = to_map(self.stage4[view](student.final, query), self.teacher_grid)
                 losses[f'loss_s4{suffix}'] = self.weights[4][view] * loss_fn(out, target)
-        return logits, losses
+        return student.logits, losses

@@ -1,5 +1,5 @@
 """SRRL: Yang, Martinez, Bulat, Tzimiropoulos, "Knowledge Distillation via Softmax Regression Representation
-Learning" (ICLR 2021), as cls_KD implements it. Spec: feature.md §2."""
+Learning" (ICLR 2021), as cls_KD implements it. Spec: docs/methods/feature.md §2."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """USKD: Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
-Normalized Loss and Customized Soft Labels" (ICCV 2023), its teacher-free half. Spec: logit.md §5.
+Normalized Loss and Customized Soft Labels" (ICCV 2023), its teacher-free half. Spec: docs/methods/logit.md §5.
 
 No teacher. A weak linear head on a mid-level student feature supplies (with the student's own
 prediction) the ranking of the non-target classes, which get Zipf-law soft labels 1/rank; the target

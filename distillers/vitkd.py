@@ -1,6 +1,6 @@
 """ViTKD: Yang et al., "ViTKD: Practical Guidelines for ViT Feature Knowledge Distillation" (arXiv 2022), the
-official cls_KD method, and ViTKD + NKD, the combination every shipped cls_KD DeiT config trains. Spec: feature.md §3
-(NKD: logit.md §4)."""
+official cls_KD method, and ViTKD + NKD, the combination every shipped cls_KD DeiT config trains. Spec: docs/methods/feature.md §3
+(NKD: docs/methods/logit.md §4)."""
 import math
 from typing import Dict, Optional
 
@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from models.features import FeatureRequest, Features, to_map, to_tokens
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets, squared_error_sum
+from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .kernels.squared_error import squared_error_sum
 from .mgd import Generator
 from .nkd import nkd_loss
 

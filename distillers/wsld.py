@@ -1,5 +1,5 @@
 """WSLD: Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff
-Perspective" (ICLR 2021). Spec: logit.md §3.
+Perspective" (ICLR 2021). Spec: docs/methods/logit.md §3.
 
 Soft-label cross-entropy at temperature tau, weighted per sample by how much worse the student fits the
 label than the teacher does.

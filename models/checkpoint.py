@@ -77,9 +77,10 @@ def select_state_dict(checkpoint: dict, use_ema: bool = False, path: str = '') -
 
 
 def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, who: str = 'model',
-                       checkpoint: Optional[dict] = None):
+                       checkpoint: Optional[dict] = None, classes_hint: str = ''):
     """Strictly load `path` (or its already loaded `checkpoint`) into `model`; a mismatch names the missing and
-    unexpected keys, or the class counts when only the classifier differs."""
+    unexpected keys, or the class counts when only the classifier differs (then `classes_hint` says what works,
+    by default a checkpoint trained on as many classes as the model has)."""
     state = select_state_dict(checkpoint if checkpoint is not None else load_checkpoint_file(path),
                               use_ema=use_ema, path=path)
     own = model.state_dict()
@@ -89,9 +90,10 @@ def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, who: 
     classifier_keys = _classifier_keys(model)
     if wrong_shape and not missing and not unexpected and set(wrong_shape) <= classifier_keys:
         weight = next(k for k in wrong_shape if state[k].ndim >= 1)
+        classes = own[weight].shape[0]
         raise CheckpointError(f'checkpoint {path!r} has {state[weight].shape[0]} classes, but the {who} is built '
-                              f'for {own[weight].shape[0]} (the dataset\'s classes); use a checkpoint trained on '
-                              f'this dataset or set --num-classes')
+                              f'for {classes}; ' + (classes_hint or f'use a {who} checkpoint trained on {classes} '
+                                                                     f'classes'))
     if missing or unexpected or wrong_shape:
         def show(keys):
             return f'{keys[:6]}{" and %d more" % (len(keys) - 6) if len(keys) > 6 else ""}'

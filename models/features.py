@@ -5,7 +5,7 @@ Distillers never touch a model's internals: they state what they need as a `Feat
 the adapter can return are known before training from `describe()`, a dry forward at the training input
 size, so projectors are sized from the models themselves and not from tables of names.
 
-Stage rule (the one of OFA, ofa.md §2, which the other specs share):
+Stage rule (the one of OFA, docs/methods/ofa.md §2, which the other specs share):
 - Hierarchical models (CNNs, Swin, ConvNeXt, ...): `feature_info` lists taps at growing reductions. Stage s
   is the *last* tap at the s-th distinct reduction, keeping the last four reductions (the stride-2 stem of an
   ImageNet CNN is dropped; the CIFAR ResNets, with three reductions, have three stages). For models whose

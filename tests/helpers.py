@@ -1,5 +1,9 @@
 """Shared helpers for the end-to-end tests: run train.py / validate.py as a user would, on synthetic data."""
+import argparse
+import copy
 import csv
+import functools
+import logging
 import os
 import subprocess
 import sys
@@ -43,6 +47,39 @@ def run_train(tmp_path, *args, experiment='run', synthetic=True, check=True, tim
     return proc, Path(tmp_path) / experiment
 
 
+def train_in_process(argv):
+    """train.main here, not in a subprocess (no second torch import); the root logger's handlers are put back.
+    Returns main's exit code."""
+    import train
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return train.main([str(a) for a in argv])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def read_summary(run_dir):
     with open(Path(run_dir) / 'summary.csv') as f:
         return list(csv.DictReader(f))
+
+
+@functools.lru_cache(maxsize=None)
+def _distiller_defaults():
+    from distillers import add_distiller_args
+    parser = argparse.ArgumentParser()
+    add_distiller_args(parser)  # every class's flags on one parser: no two declare the same flag
+    return parser.parse_args([])
+
+
+def distiller_args(**overrides):
+    """The namespace a distiller is built from in unit tests: every distiller's flags at their defaults, the loss
+    weights left to the method (None), the teacher in eval mode; `overrides` set further attributes."""
+    args = copy.copy(_distiller_defaults())
+    args.gt_loss_weight = None
+    args.kd_loss_weight = None
+    args.teacher_train_mode = False
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args

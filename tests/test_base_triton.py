@@ -1,4 +1,5 @@
-"""The fused squared-error kernels (distillers/base_triton.py) against the eager path of `squared_error_sum`.
+"""The fused squared-error kernels (distillers/kernels/squared_error_triton.py) against the eager path of
+`squared_error_sum`.
 
 The eager path is checked by hand-worked values and gradcheck (test_feature_distillers.py), so here the kernels
 must give its value and exactly its gradients: on a GPU when there is one, and without one under Triton's
@@ -11,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from distillers import base
+from distillers import kernels
+from distillers.kernels.squared_error import squared_error_sum
 from tests.helpers import REPO
 
 triton = pytest.importorskip('triton')
@@ -22,21 +24,21 @@ DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 @pytest.fixture
 def route(monkeypatch):
     """Sends squared_error_sum through the kernels (True) or the eager path (False) for any device."""
-    def to(kernels, device='cpu'):
-        if kernels and device == 'cpu' and not triton.knobs.runtime.interpret:
+    def to(fused, device='cpu'):
+        if fused and device == 'cpu' and not triton.knobs.runtime.interpret:
             pytest.skip('CPU tensors need Triton\'s interpreter (tests/conftest.py sets it when there is no GPU)')
-        if kernels:
-            from distillers import base_triton
-            monkeypatch.setattr(base, 'fused_squared_error_kernels', lambda s, t: base_triton)
+        if fused:
+            from distillers.kernels import squared_error_triton
+            monkeypatch.setattr(kernels, 'squared_error_kernels', lambda s, t: squared_error_triton)
         else:
-            monkeypatch.setattr(base, 'fused_squared_error_kernels', lambda s, t: None)
+            monkeypatch.setattr(kernels, 'squared_error_kernels', lambda s, t: None)
     return to
 
 
 def value_and_gradients(student, teacher, weight=0.37):
     student = student.detach().clone().requires_grad_(True)
     teacher = teacher.detach().clone().requires_grad_(True)
-    value = base.squared_error_sum(student, teacher)
+    value = squared_error_sum(student, teacher)
     (weight * value).backward()
     return value.detach(), student.grad, teacher.grad
 
@@ -82,39 +84,41 @@ def test_kernels_value_by_hand(route):
 
 def test_kernels_serve_only_maps_they_can_walk_as_one_flat_array():
     x = torch.randn(2, 3, 4, 5)
-    assert base.same_dense_layout(x, torch.randn(2, 3, 4, 5))
-    assert base.same_dense_layout(x.contiguous(memory_format=torch.channels_last),
-                                  torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
-    assert base.same_dense_layout(x[:1], x[1:])  # an offset start is fine: the kernels take data pointers
-    assert base.same_dense_layout(torch.randn(2, 1, 5), torch.randn(2, 5, 1).transpose(1, 2))  # size-1 axes
+    assert kernels.same_dense_layout(x, torch.randn(2, 3, 4, 5))
+    assert kernels.same_dense_layout(x.contiguous(memory_format=torch.channels_last),
+                                     torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    assert kernels.same_dense_layout(x[:1], x[1:])  # an offset start is fine: the kernels take data pointers
+    assert kernels.same_dense_layout(torch.randn(2, 1, 5), torch.randn(2, 5, 1).transpose(1, 2))  # size-1 axes
     # two dense layouts that differ, a map with gaps, a broadcast map: the eager path
-    assert not base.same_dense_layout(x, x.contiguous(memory_format=torch.channels_last))
-    assert not base.same_dense_layout(x[:, :2], torch.randn(2, 2, 4, 5))
-    assert not base.same_dense_layout(torch.randn(1, 3, 4, 5).expand(2, 3, 4, 5), x)
+    assert not kernels.same_dense_layout(x, x.contiguous(memory_format=torch.channels_last))
+    assert not kernels.same_dense_layout(x[:, :2], torch.randn(2, 2, 4, 5))
+    assert not kernels.same_dense_layout(torch.randn(1, 3, 4, 5).expand(2, 3, 4, 5), x)
     # the kernels only ever see CUDA tensors
-    assert base.fused_squared_error_kernels(x, x) is None
+    assert kernels.squared_error_kernels(x, x) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
-def test_squared_error_sum_takes_the_kernels_on_a_gpu():
-    from distillers import base_triton
+def test_squared_error_sum_takes_the_kernels_on_a_gpu(monkeypatch):
+    from distillers.kernels import squared_error_triton
     student = torch.randn(2, 8, 6, 6, device='cuda', dtype=torch.bfloat16)
-    assert base.fused_squared_error_kernels(student, student.float()) is base_triton
-    assert base.fused_squared_error_kernels(student, student.float()[:, :, :, :6].transpose(2, 3)) is None
+    assert kernels.squared_error_kernels(student, student.float()) is squared_error_triton
+    assert kernels.squared_error_kernels(student, student.float()[:, :, :, :6].transpose(2, 3)) is None
     # autograd cannot save inference tensors, which the kernels' backward reads: the eager path takes them
     with torch.inference_mode():
         frozen = student.float()
-    assert base.fused_squared_error_kernels(student, frozen) is None
+    assert kernels.squared_error_kernels(student, frozen) is None
     student = student.detach().requires_grad_(True)
-    base.squared_error_sum(student, frozen).backward()
+    squared_error_sum(student, frozen).backward()
     assert student.grad is not None
+    monkeypatch.setattr(kernels, 'FUSED_KERNELS', False)  # the one switch turns these kernels off as well
+    assert kernels.squared_error_kernels(student, student.float()) is None
 
 
 COMPILE_FOR_SM90 = '''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from distillers import base_triton, ufd_triton
+from distillers.kernels import frequency_triton, squared_error_triton
 
 def compile(fn, types, constexprs, num_warps):
     signature = {name: 'constexpr' if name in constexprs else types.get(name, 'i32') for name in fn.arg_names}
@@ -123,15 +127,17 @@ def compile(fn, types, constexprs, num_warps):
 
 bf16_and_f32 = dict(s_ptr='*bf16', t_ptr='*fp32', partial_ptr='*fp32', grad_ptr='*fp32', grad_s_ptr='*bf16',
                     grad_t_ptr='*bf16')
-compile(base_triton._partial_sums_kernel, bf16_and_f32, dict(BLOCK=base_triton.BLOCK), 8)
-compile(base_triton._gradient_kernel, bf16_and_f32, dict(WRITE_S=True, WRITE_T=False, BLOCK=base_triton.BLOCK), 8)
-ufd_types = {name: ('*bf16' if name in ('sp_ptr', 'ch_ptr', 'gsp_ptr', 'gch_ptr') else '*fp32')
-             for fn in (ufd_triton._forward_kernel, ufd_triton._gradient_kernel) for name in fn.arg_names
-             if name.endswith('_ptr')}
-ufd_types.update(tolerance_sq='fp32', floor='fp32')
+compile(squared_error_triton._partial_sums_kernel, bf16_and_f32, dict(BLOCK=squared_error_triton.BLOCK), 8)
+compile(squared_error_triton._gradient_kernel, bf16_and_f32,
+        dict(WRITE_S=True, WRITE_T=False, BLOCK=squared_error_triton.BLOCK), 8)
+frequency_types = {name: ('*bf16' if name in ('sp_ptr', 'ch_ptr', 'gsp_ptr', 'gch_ptr') else '*fp32')
+                   for fn in (frequency_triton._forward_kernel, frequency_triton._gradient_kernel)
+                   for name in fn.arg_names if name.endswith('_ptr')}
+frequency_types.update(tolerance_sq='fp32', floor='fp32')
 caps = dict(SP_BLOCK_M=32, SP_BLOCK_K=128, CH_BLOCK_M=128, CH_BLOCK_K=32)
-compile(ufd_triton._forward_kernel, ufd_types, dict(WITH_GRADIENTS=True, **caps), 8)
-compile(ufd_triton._gradient_kernel, ufd_types, dict(SP_BLOCK_M=64, SP_BLOCK_K=64, CH_BLOCK_M=64, CH_BLOCK_K=64), 4)
+compile(frequency_triton._forward_kernel, frequency_types, dict(WITH_GRADIENTS=True, **caps), 8)
+compile(frequency_triton._gradient_kernel, frequency_types,
+        dict(SP_BLOCK_M=64, SP_BLOCK_K=64, CH_BLOCK_M=64, CH_BLOCK_K=64), 4)
 print('compiled')
 '''
 

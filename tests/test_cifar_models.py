@@ -430,3 +430,33 @@ def test_train_cifar_student_from_cifar_teacher(tmp_path):
     assert math.isfinite(float(rows[0]['train_loss'])) and math.isfinite(float(rows[0]['eval_loss']))
     student = timm.create_model('resnet20', num_classes=10)
     load_model_weights(student, str(run_dir / 'checkpoint' / 'last.pth.tar'))
+
+
+# the feature methods on the classic CIFAR-100 pairs, on their own defaults
+CIFAR_PAIRS = [('resnet20', 'resnet56'), ('wrn_16_2', 'wrn_40_2'), ('vgg8_cifar', 'vgg13_cifar')]
+
+
+def _distiller(method, student, teacher, *argv):
+    import train
+    from distillers import get_distiller_class
+    args, _ = train.parse_args(['--model', student, '--teacher', teacher, '--distiller', method, *argv])
+    torch.manual_seed(0)
+    s, t = timm.create_model(student, num_classes=10), timm.create_model(teacher, num_classes=10).eval()
+    return get_distiller_class(method)(s, t, nn.CrossEntropyLoss(), args, (3, 32, 32))
+
+
+@pytest.mark.parametrize('method', ['ofa', 'fitnet', 'scalekd'])
+@pytest.mark.parametrize('student, teacher', CIFAR_PAIRS, ids=[p[0] for p in CIFAR_PAIRS])
+def test_feature_methods_run_on_their_defaults_with_the_cifar_pairs(method, student, teacher):
+    d = _distiller(method, student, teacher)
+    if method in ('ofa', 'fitnet'):  # every stage of the student: three on the ResNets and WRNs, four on a VGG
+        assert d.stages == ((1, 2, 3, 4) if student.startswith('vgg') else (1, 2, 3))
+    _, losses = d(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert losses and all(bool(torch.isfinite(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize('method', ['ofa', 'fitnet'])
+def test_a_stage_the_cifar_student_lacks_stays_an_error(method):
+    from distillers import DistillerError
+    with pytest.raises(DistillerError, match='4'):
+        _distiller(method, 'resnet20', 'resnet56', f'--{method}-stage', '4')

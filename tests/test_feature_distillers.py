@@ -1,5 +1,5 @@
 """FitNet, MGD, SRRL, ViTKD (+ NKD): hand-worked values of the pure losses, the properties of
-../shared/methods/feature.md (M1-M5, S1-S5, V1-V6) and others.md §6, projector shapes over a matrix of
+docs/methods/feature.md (M1-M5, S1-S5, V1-V6) and docs/methods/others.md §6, projector shapes over a matrix of
 student/teacher pairs at two input sizes, and one training epoch of each through train.py."""
 import argparse
 import copy
@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillers import DISTILLERS, DistillerError, add_distiller_args
-from distillers.base import squared_error_sum
 from distillers.fitnet import fitnet_loss
+from distillers.kernels.squared_error import squared_error_sum
 from distillers.mgd import mgd_loss
 from distillers.nkd import nkd_loss
 from distillers.srrl import srrl_loss
@@ -286,7 +286,7 @@ def test_pair_matrix(method, student_name, teacher_kind, size):
         train_step(distiller, size, method)
 
 
-# ================================================================== FitNet (others.md §6)
+# ================================================================== FitNet (docs/methods/others.md §6)
 def test_fitnet_stage_flag_and_regressor_init():
     student, teacher = cached('resnet18', 64, 'student'), cached('resnet18', 64, 'teacher')
     distiller = build('fitnet', student, teacher, 64, fitnet_stage=[2, 4])
@@ -313,7 +313,7 @@ def test_fitnet_pools_the_larger_grid():
     assert losses['loss_fitnet'].item() == pytest.approx(3.0 * F.mse_loss(pooled, teacher_map).item(), rel=1e-4)
 
 
-# ================================================================== MGD (feature.md §1)
+# ================================================================== MGD (docs/methods/feature.md §1)
 def test_mgd_mask_drops_about_lambda_of_whole_channels():
     student, teacher = cached('resnet18', 64, 'student'), cached('resnet18', 64, 'teacher')
     distiller = build('mgd', student, teacher, 64)
@@ -378,7 +378,7 @@ def test_mgd_teacher_features_carry_no_gradient():
     train_step(distiller, 64, 'mgd')
 
 
-# ================================================================== SRRL (feature.md §2)
+# ================================================================== SRRL (docs/methods/feature.md §2)
 def test_srrl_gradient_reaches_connector_through_the_frozen_head():
     # S3, S4: with alpha = 0 only the path through the teacher's classifier is left
     student, teacher = cached('mobilenetv2_050', 64, 'student'), cached('resnet18', 64, 'teacher')
@@ -447,7 +447,7 @@ def test_srrl_connector_init():
     assert torch.equal(bn.weight, torch.ones(512)) and torch.equal(bn.bias, torch.zeros(512))
 
 
-# ================================================================== ViTKD (feature.md §3)
+# ================================================================== ViTKD (docs/methods/feature.md §3)
 def test_vitkd_masks_exactly_n_minus_floor_tokens_per_sample():
     # V1: 98 of 196 at lambda = 0.5; 4 of 16 at 0.25
     mask = random_token_mask(6, 196, 0.5)

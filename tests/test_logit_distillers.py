@@ -1,4 +1,4 @@
-"""Logit distillers DKD, WSLD, NKD, DIST and the self-distiller USKD (logit.md §2-§5, others.md §4-§5).
+"""Logit distillers DKD, WSLD, NKD, DIST and the self-distiller USKD (docs/methods/logit.md §2-§5, docs/methods/others.md §4-§5).
 
 Reference values are computed here in plain Python (math on lists, double precision) from the formulas of the
 specs, independently of the torch implementations.
@@ -160,7 +160,7 @@ def row_shift(z, seed=1):
     return z + torch.randn(z.shape[0], 1, generator=g) * 5.0
 
 
-# ================================================================== DKD (logit.md §2)
+# ================================================================== DKD (docs/methods/logit.md §2)
 def test_dkd_hand_worked_value():
     zs, zt, y = tensors()
     for tau, alpha, beta in [(1.0, 1.0, 0.5), (4.0, 1.0, 8.0), (2.0, 0.7, 2.0)]:
@@ -258,7 +258,7 @@ def test_dkd_flags_follow_ofakd_defaults():
         DKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(DKD, dkd_temperature=0.0), (3, 32, 32))
 
 
-# ================================================================== WSLD (logit.md §3)
+# ================================================================== WSLD (docs/methods/logit.md §3)
 def test_wsld_hand_worked_value():
     zs, zt, y = tensors()
     for tau, alpha in [(4.0, 2.25), (2.0, 2.5), (1.0, 1.0)]:
@@ -322,7 +322,7 @@ def test_wsld_w5_labels_only_through_weights_and_soft_equals_argmax():
                                distiller(x, yy)[1]['loss_wsld'])
 
 
-# ================================================================== NKD (logit.md §4)
+# ================================================================== NKD (docs/methods/logit.md §4)
 def test_nkd_hand_worked_value():
     zs, zt, y = tensors()
     for tau, gamma in [(1.0, 1.5), (3.0, 3.5), (2.0, 1.0)]:
@@ -375,7 +375,7 @@ def test_nkd_n6_row_shift_invariance():
                                nkd_loss(zs, zt, y, 3.0, 3.5), rtol=1e-5, atol=1e-6)
 
 
-# ================================================================== DIST (others.md §5)
+# ================================================================== DIST (docs/methods/others.md §5)
 def test_dist_hand_worked_value():
     zs, zt, _ = tensors()
     for beta, gamma, tau in [(1.0, 1.0, 1.0), (2.0, 2.0, 4.0), (1.0, 0.5, 2.0)]:
@@ -410,7 +410,7 @@ def test_dist_flags_and_tau_alias():
     assert parser.parse_args(['--dist-temperature', '3']).dist_temperature == 3.0
 
 
-# ================================================================== USKD (logit.md §5)
+# ================================================================== USKD (docs/methods/logit.md §5)
 def test_uskd_hand_worked_value_hard_labels():
     zw, zs, y = torch.tensor(ZW), torch.tensor(ZS), torch.tensor(Y)
     k = len(ZS[0])

@@ -1,4 +1,4 @@
-"""OFA (ofa.md): the loss against hand-worked numbers and its properties (§9), the branches on a matrix of
+"""OFA (docs/methods/ofa.md): the loss against hand-worked numbers and its properties (§9), the branches on a matrix of
 students at two input sizes, the distiller's bookkeeping, and one CLI run on synthetic data."""
 import argparse
 import copy
@@ -420,7 +420,8 @@ def test_missing_stage_is_named():
     # the CIFAR ResNets have three stages (32, 16, 8 at 32 px)
     three_stage = create('resnet20', num_classes=10)
     with pytest.raises(DistillerError, match=r'stage\(s\) \[4\].*has stages 1 2 3'):
-        build(three_stage, small_teacher(32), 32)
+        build(three_stage, small_teacher(32), 32, ofa_stage=[1, 2, 3, 4])
+    assert build(three_stage, small_teacher(32), 32).stages == (1, 2, 3)  # the default: the student's stages
     d = build(three_stage, small_teacher(32), 32, ofa_stage=[1, 2, 3], ofa_eps=[1, 1, 1, 1.5])
     assert list(d.branches) == ['stage1', 'stage2', 'stage3']
     # down to the 8x8 grid of the last stage: two SepConvs, one, then the 1x1 conv

@@ -1,5 +1,6 @@
 """Reliability: exact resume (SIGKILL and SIGTERM), corrupt checkpoints, no overwrite, non-finite losses,
 one-sentence errors for bad input that write nothing, and a dead DDP rank not hanging the others."""
+import argparse
 import logging
 import os
 import shutil
@@ -162,6 +163,12 @@ def files(tmp_path_factory):
     (root / 'bad.yaml').write_text('lr: [1, 2\n')
     (root / 'list.yaml').write_text('- lr\n- 0.1\n')
     (root / 'typo.yaml').write_text('warmup_epoch: 3\n')
+    (root / 'smoothing.yaml').write_text('smoothing: 1.5\n')
+    (root / 'cifar' / 'cifar-10-batches-py').mkdir(parents=True)  # a CIFAR folder without its files
+    # a checkpoint of timm's own train.py: its arguments are an argparse Namespace
+    torch.save({'epoch': 3, 'arch': 'test_resnet', 'state_dict': teacher.state_dict(), 'version': 2,
+                'args': argparse.Namespace(model='test_resnet', opt='sgd'), 'metric': 10.0},
+               root / 'timm_run.pth.tar')
     (root / 'file').write_text('a file, not a folder\n')
     for name, splits in (('empty', ['train', 'val']), ('differ', ['train', 'val']), ('broken', ['train', 'val'])):
         for split in splits:
@@ -208,7 +215,8 @@ BAD_INPUT = [
     ('teacher does not fit', ['--distiller', 'kd', '--teacher', 'test_vit', '--teacher-checkpoint',
                               '{root}/teacher.pth'], 'does not fit the teacher'),
     ('teacher classes', ['--distiller', 'kd', *T, '--teacher-checkpoint', '{root}/teacher100.pth'],
-     'has 100 classes, but the teacher is built for 10'),
+     "has 100 classes, but the teacher is built for 10; use a teacher checkpoint trained on the dataset's 10 "
+     'classes'),
     ('dataset missing', ['--dataset', '', '--data-dir', '{root}/nowhere'], "dataset folder '{root}/nowhere' does not exist"),
     ('dataset empty', ['--dataset', '', '--data-dir', '{root}/empty'], 'holds no class folders with images'),
     ('dataset classes differ', ['--dataset', '', '--data-dir', '{root}/differ'],
@@ -229,6 +237,36 @@ BAD_INPUT = [
     ('gpu asked on a cpu machine', ['--device', 'cuda'], 'asks for a GPU, but none is available'),
     ('resume with another optimizer', ['--resume', '{root}/sgd/checkpoint/last.pth.tar', '--opt', 'adamw'],
      "was written with optimizer 'sgd', but this run uses 'adamw'"),
+    # values checked where the flags are parsed: a range (argparse type=), a count or an order (check_values)
+    ('label smoothing of 1 or more', ['--smoothing', '1.5'],
+     'argument --smoothing: 1.5 is out of range; give a number >= 0 and < 1'),
+    ('a range in a yaml', ['-c', '{root}/smoothing.yaml'],
+     "key 'smoothing' of config '{root}/smoothing.yaml': 1.5 is out of range"),
+    ('mean of two values', ['--mean', '0.5', '0.5'], '--mean 0.5 0.5 is not accepted; give one value, or three'),
+    ('crop scale of one value', ['--scale', '0.5'], '--scale 0.5 is not accepted; give two fractions'),
+    ('image size 0', ['--img-size', '0'], 'argument --img-size: 0 is out of range; give an integer >= 1'),
+    ('image size below the synthetic minimum', ['--img-size', '4'], '--img-size 4 is too small'),
+    ('log interval 0', ['--log-interval', '0'], 'argument --log-interval: 0 is out of range'),
+    ('eval interval 0', ['--eval-interval', '0'], 'argument --eval-interval: 0 is out of range'),
+    ('one input channel', ['--in-chans', '1'], 'argument --in-chans: invalid choice: 1 (choose from 3)'),
+    ('unknown compile backend', ['--torchcompile', 'nosuchbackend'],
+     '--torchcompile nosuchbackend is not accepted; give a torch.compile backend'),
+    ('patch size does not divide the image', ['--model', 'test_vit', '--img-size', '30'],
+     "student 'test_vit' cannot take 30x30 images (Input height (30) should be divisible by patch size"),
+    ('student hub weights offline', ['--pretrained'],
+     "timm pretrained weights of 'test_resnet' cannot be had here: they are not in the local cache"),
+    ('cifar download offline', ['--dataset', 'torch/cifar10', '--data-dir', '{root}/nocifar', '--dataset-download'],
+     "torch/cifar10 cannot be downloaded into '{root}/nocifar': the proxy 127.0.0.1:9"),
+    ('cifar folder that fails the file check', ['--dataset', 'torch/cifar10', '--data-dir', '{root}/cifar'],
+     "torch/cifar10 under '{root}/cifar' fails torchvision's file check"),
+    ('resume bare weights', ['--resume', '{root}/teacher.pth'],
+     "holds bare weights (a state dict), so there is no run to continue; start a new run from its weights with "
+     '--initial-checkpoint'),
+    ('resume a checkpoint of timm', ['--resume', '{root}/timm_run.pth.tar'],
+     "holds a checkpoint of another training script (timm's train.py)"),
+    ('resume without experiment', ['--resume', '{root}/sgd/checkpoint/last.pth.tar', '--experiment', ''],
+     "--resume FILE needs --experiment NAME, the run folder under '{out}' that the resumed run writes to; to "
+     'continue the run it belongs to, pass --output {root} --experiment sgd'),
 ]
 
 
@@ -243,8 +281,12 @@ def train_in_this_process(argv, monkeypatch, capfd):
     printed. The signal handlers and the root logger that train.py sets up are put back afterwards."""
     import train
     monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
-    monkeypatch.setattr(train, '_fresh_run', {})
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # as python_env() sets for a new process
+    # no download reaches a network, whether or not this machine has one: every request meets a closed port
+    for name in ('https_proxy', 'http_proxy', 'HTTPS_PROXY', 'HTTP_PROXY'):
+        monkeypatch.setenv(name, 'http://127.0.0.1:9')
+    for name in ('no_proxy', 'NO_PROXY'):
+        monkeypatch.delenv(name, raising=False)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     root_logger = logging.getLogger()
     log_handlers, log_level = root_logger.handlers[:], root_logger.level
@@ -264,9 +306,9 @@ def train_in_this_process(argv, monkeypatch, capfd):
 @pytest.mark.parametrize('case, args, fragment', BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(tmp_path, files, case, args, fragment, monkeypatch,
                                                              capfd):
-    args = [a.replace('{root}', str(files)) for a in args]
-    fragment = fragment.replace('{root}', str(files))
     out = tmp_path / 'out'
+    args = [a.replace('{root}', str(files)) for a in args]
+    fragment = fragment.replace('{root}', str(files)).replace('{out}', str(out))
     before = sorted(p.relative_to(files) for p in files.rglob('*'))
     argv = [*SYNTHETIC_ARGS, '--model', 'test_resnet', '--epochs', '1', '--output', str(out), '--experiment', 'run',
             *args]
@@ -280,8 +322,117 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(tmp_path, files, ca
     assert len(lines) == 1 and lines[0].startswith('train.py: error: '), stderr[-2000:]
     assert fragment in lines[0]
     assert 'Traceback' not in stderr and not warned, (stderr[-2000:], warned)
-    assert not (out / 'run').exists()
+    assert not out.exists()  # neither the run folder nor the --output folder above it
     assert sorted(p.relative_to(files) for p in files.rglob('*')) == before
+
+
+VALIDATE_BAD_INPUT = [
+    ('batch size 0', ['--batch-size', '0', '--model', 'test_resnet', '--pretrained'],
+     'argument -b/--batch-size: 0 is out of range; give an integer >= 1'),
+    ('hub weights offline', ['--model', 'test_resnet', '--pretrained', '--dataset', 'synthetic'],
+     "timm pretrained weights of 'test_resnet' cannot be had here"),
+    ('abbreviated flag', ['--img', '32', '--checkpoint', '{root}/teacher.pth'], 'unrecognized arguments: --img'),
+    ('mean of two values', ['--mean', '0.5', '0.5', '--checkpoint', '{root}/teacher.pth'],
+     '--mean 0.5 0.5 is not accepted'),
+]
+
+
+@pytest.mark.parametrize('case, args, fragment', VALIDATE_BAD_INPUT, ids=[c[0] for c in VALIDATE_BAD_INPUT])
+def test_validate_bad_input_is_one_sentence_exit_2(files, case, args, fragment, monkeypatch, capfd):
+    import validate
+    monkeypatch.setattr(sys, 'argv', ['validate.py', *[a.replace('{root}', str(files)) for a in args]])
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        validate.run()
+    stderr = capfd.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith('validate.py: error: ') and len(stderr.strip().splitlines()) == 1, stderr
+    assert fragment in stderr
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capfd):
+    """Whatever stops a new run before its first checkpoint (here an error no check foresaw, in the first epoch),
+    its run folder and the --output folders created for it are removed, so that the corrected rerun starts."""
+    import train
+
+    def failing_epoch(*args, **kwargs):
+        raise RuntimeError('an unforeseen failure')
+
+    monkeypatch.setattr(train, 'train_one_epoch', failing_epoch)
+    out = tmp_path / 'new' / 'out'
+    argv = [*SYNTHETIC_ARGS, '--model', 'test_resnet', '--epochs', '1', '--output', str(out), '--experiment', 'run']
+    monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+    root_logger = logging.getLogger()
+    log_handlers, log_level = root_logger.handlers[:], root_logger.level
+    try:
+        with pytest.raises(RuntimeError, match='an unforeseen failure'):  # not a user error: its traceback shows
+            train.run()
+    finally:
+        root_logger.handlers[:] = log_handlers
+        root_logger.setLevel(log_level)
+    assert 'Run folder:' in capfd.readouterr().out  # the folder had been made
+    assert sorted(tmp_path.iterdir()) == []
+    # a folder that was there before is kept
+    (out / 'run').mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        train.main(argv + ['--overwrite'])
+    logging.getLogger().handlers[:] = log_handlers
+    assert (out / 'run').is_dir()
+
+
+def test_resume_writes_only_into_output_experiment(tmp_path, files, monkeypatch, capfd):
+    """--resume FILE writes into --output/--experiment, never beside FILE; what it said before its log file
+    opened ("Resumed from ...") is in log.txt too."""
+    before = {p: p.stat().st_mtime_ns for p in files.rglob('*')}
+    argv = [*SYNTHETIC_ARGS, '--model', 'test_resnet', '--epochs', '2', '--output', str(tmp_path), '--experiment',
+            'continued', '--resume', str(files / 'sgd' / 'checkpoint' / 'last.pth.tar'), '--no-resume-opt']
+    code, stderr, _ = train_in_this_process(argv, monkeypatch, capfd)
+    assert code == 0, stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in files.rglob('*')} == before
+    run_dir = tmp_path / 'continued'
+    assert [int(r['epoch']) for r in read_summary(run_dir)] == [1]
+    log = (run_dir / 'log.txt').read_text()
+    assert 'Resumed from' in log and log.index('Resumed from') < log.index('Run folder:')
+
+
+def test_validate_takes_the_dataset_of_the_checkpoints_run(tmp_path, monkeypatch, caplog):
+    """validate.py --checkpoint alone evaluates on the folder the run trained on, and says so."""
+    img = Image.new('RGB', (32, 32), (10, 200, 90))
+    for c in ('a', 'b'):
+        for split in ('train', 'val'):
+            (tmp_path / 'folder' / split / c).mkdir(parents=True)
+        for i in range(3):
+            img.save(tmp_path / 'folder' / 'val' / c / f'{i}.png')
+    model = timm.create_model('test_resnet', num_classes=2)
+    torch.save({'arch': 'test_resnet', 'num_classes': 2, 'state_dict': model.state_dict(),
+                'data_config': {'input_size': [3, 32, 32]},
+                'args': {'dataset': '', 'data': None, 'data_dir': str(tmp_path / 'folder')}}, tmp_path / 'ckpt.pth')
+    import validate
+    monkeypatch.chdir(tmp_path)  # the default data/imagenet is not there
+    caplog.set_level(logging.INFO, logger='validate')
+    rows = validate.main(['--checkpoint', str(tmp_path / 'ckpt.pth'), '--workers', '0'])
+    assert rows[0]['images'] == 6
+    assert f"dataset of the checkpoint's run: --dataset imagefolder --data-dir {tmp_path / 'folder'}" in caplog.text
+
+
+def test_yaml_true_for_a_flag_with_an_optional_value(tmp_path):
+    """`teacher_pretrained: true` is the flag given alone (hub weights), not the path 'True'."""
+    import train
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('teacher_pretrained: true\ntorchcompile: false\n')
+    args, _ = train.parse_args(['-c', str(cfg)])
+    assert args.teacher_pretrained == '' and args.torchcompile is None
+    cfg.write_text('teacher_pretrained: false\ntorchcompile: true\n')
+    args, _ = train.parse_args(['-c', str(cfg)])
+    assert args.teacher_pretrained is None and args.torchcompile == 'inductor'
+
+
+def test_help_lists_the_config_flag(capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(['--help'])
+    assert '-c FILE, --config FILE' in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ DDP liveness

@@ -1,4 +1,4 @@
-"""ScaleKD (scalekd.md): the two feature views, the projector chain through the frozen teacher's last stage
+"""ScaleKD (docs/methods/scalekd.md): the two feature views, the projector chain through the frozen teacher's last stage
 (TPP), gradient routing, the frozen teacher, and the properties of §9."""
 import argparse
 import math
@@ -13,10 +13,11 @@ from timm.layers import LayerNorm2d
 from distillers.base import DistillerError
 from distillers.kd import KD
 from distillers.scalekd import ScaleKD, TeacherLastStage, dfm_frequency_loss, dfm_spatial_loss
-from distillers.ufd import CrossAttentionProjector, spatial_decoupled_loss
+from distillers.cap import CrossAttentionProjector
+from distillers.ufd import spatial_decoupled_loss
 from models.features import FeatureAdapter, FeatureRequest
 from tests.helpers import read_summary, run_train
-from tests.test_ufd import DCTOracle, cap_parameter_formula, n_params
+from tests.test_ufd import DCTOracle, cap_parameter_formula, logit_term, n_params
 
 torch.set_num_threads(1)
 INPUT = (3, 64, 64)
@@ -88,7 +89,7 @@ def test_frequency_view_matches_dct_oracle_and_ignores_channel_means(c, h, w):
 @pytest.mark.parametrize('h,w', [(2, 2), (7, 7), (3, 5)])
 def test_frequency_view_of_a_spatially_constant_map_is_exact_and_passes_no_gradient(h, w):
     """A map constant over space (exactly, or up to rounding) has AC part 0: each position then scores
-    ||0 - n_C(T_ac)||^2 = 1 (ufd.md F5), so the unweighted loss is H*W, and the student gets no gradient.
+    ||0 - n_C(T_ac)||^2 = 1 (docs/methods/ufd.md F5), so the unweighted loss is H*W, and the student gets no gradient.
     Normalizing the rounding residue instead gave gradients of 1e5-1e12 (d n(v)/dv ~ 1/||v||), which froze AdamW
     in the small-scale results runs."""
     g = torch.Generator().manual_seed(h * w)
@@ -135,7 +136,7 @@ def test_external_query_projector():
 
 
 def test_parameter_counts_of_the_published_pairs():
-    """S2, scalekd.md §7: both CAPs of a stage; no table at stage 4."""
+    """S2, docs/methods/scalekd.md §7: both CAPs of a stage; no table at stage 4."""
     with torch.device('meta'):
         s3 = CrossAttentionProjector(1024, 768, (14, 14), (14, 14), num_heads=16)
         s4 = CrossAttentionProjector(2048, 1536, (7, 7), (7, 7), num_heads=24, learned_query=False)
@@ -180,6 +181,14 @@ def test_unsupported_teacher_family():
     x, y = batch()
     _, losses = d(x, y)
     assert set(losses) == {'loss_gt', 'loss_kd', 'loss_s4', 'loss_s4_alt'}
+
+
+def test_scalekd_temperature_wins_over_the_kd_temperature():
+    """The resolution is FinalMapDistiller's, tested with UFD in test_ufd.py; here, that ScaleKD's flag reaches it."""
+    d = build('test_resnet', 'test_resnet', '--scalekd-stages', '4', '--kd-temperature', '3',
+              '--scalekd-temperature', '2')
+    logits, losses = d(*batch())
+    assert losses['loss_kd'].item() == pytest.approx(logit_term(logits, d.teacher(batch()[0]), 2.0), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- distiller
@@ -346,3 +355,19 @@ def test_train_scalekd_one_epoch(tmp_path):
         assert math.isfinite(float(rows[0][f'train_{key}']))
     ckpt = torch.load(run / 'checkpoint' / 'last.pth.tar', map_location='cpu', weights_only=False)
     assert any(k.startswith('stage3.spatial.') for k in ckpt['distiller_state'])
+
+
+@pytest.mark.parametrize('teacher', ['resnet20', 'wrn_16_2', 'vgg8_cifar'])
+def test_teacher_last_stage_of_the_cifar_models(teacher):
+    """The CIFAR ResNets, WRNs and VGGs of models/cifar.py: their last stage, fed their own map before it, gives their
+    final map (for a WRN after its final BN + ReLU)."""
+    import models  # noqa: F401  (registers the CIFAR models)
+    torch.manual_seed(4)
+    t = timm.create_model(teacher, num_classes=10).eval()
+    adapter = FeatureAdapter(t, (3, 32, 32))
+    stage = TeacherLastStage(t, adapter)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = stage(adapter(x, FeatureRequest(stages=(-2,))).stages[-2])
+        want = t.forward_features(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

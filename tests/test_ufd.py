@@ -1,4 +1,4 @@
-"""UFD (ufd.md): the closed-form losses against a DCT oracle, their properties (§9), the cross-attention projector
+"""UFD (docs/methods/ufd.md): the closed-form losses against a DCT oracle, their properties (§9), the cross-attention projector
 (§3) and the distiller's wiring, gradients and frozen teacher."""
 import argparse
 import math
@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from distillers.base import DistillerError
 from distillers.kd import KD
-from distillers.ufd import (UFD, CrossAttentionProjector, channel_decoupled_loss, decoupled_squared_errors,
-                            default_num_heads, head_norm_on_map, normalized_squared_error, spatial_decoupled_loss)
+from distillers.cap import CrossAttentionProjector, default_num_heads
+from distillers.final_map import head_norm_on_map
+from distillers.frequency import decoupled_squared_errors, normalized_squared_error
+from distillers.ufd import UFD, channel_decoupled_loss, spatial_decoupled_loss
 from tests.helpers import read_summary, run_train
 
 torch.set_num_threads(1)
@@ -26,7 +28,7 @@ def dct2_matrix(n):
 
 
 class DCTOracle:
-    """ufd.md §4.1 taken literally: transform, keep DC or AC coefficients, invert, normalize, sum-SE / B."""
+    """docs/methods/ufd.md §4.1 taken literally: transform, keep DC or AC coefficients, invert, normalize, sum-SE / B."""
 
     def __init__(self, channels, h, w, dtype=torch.float32):
         self.fwd = {n: dct2_matrix(n).to(dtype) for n in {channels, h, w}}
@@ -266,7 +268,7 @@ def test_losses_reject_mismatched_maps():
 
 # ---------------------------------------------------------------------------------------------- projector
 def cap_parameter_formula(cs, ct, pos_hw, query_hw=None):
-    """ufd.md §3: conv, BN, pos_embed, query 1x1, Lin_q, Lin_k + Lin_v, Lin_o, LN, MLP, query table."""
+    """docs/methods/ufd.md §3: conv, BN, pos_embed, query 1x1, Lin_q, Lin_k + Lin_v, Lin_o, LN, MLP, query table."""
     n = (9 * cs * cs + cs) + 2 * cs + cs * pos_hw[0] * pos_hw[1] + (ct * ct + ct) + (ct * ct + ct) \
         + 2 * (cs * ct + ct) + (ct * ct + ct) + 2 * ct + (8 * ct * ct + 5 * ct)
     return n + (query_hw[0] * query_hw[1] * ct if query_hw else 0)
@@ -295,7 +297,7 @@ def test_cap_parameter_count_of_the_spec_example():
 
 
 def test_cap_matches_the_spec_math():
-    """ufd.md §3 written out with the module's own weights, including the extra softmax scale."""
+    """docs/methods/ufd.md §3 written out with the module's own weights, including the extra softmax scale."""
     torch.manual_seed(4)
     cs, ct, heads, scale = 5, 12, 3, 5.0
     cap = CrossAttentionProjector(cs, ct, (3, 4), (2, 3), num_heads=heads, softmax_scale=scale, upsample=True)
@@ -409,6 +411,29 @@ def test_distiller_losses_are_the_pure_functions_on_the_normalized_teacher_map()
     kl = (t_logits.softmax(-1) * (t_logits.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean()
     assert losses['loss_kd'].item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
     assert losses['loss_gt'].item() == pytest.approx(0.5 * F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def logit_term(student_logits, teacher_logits, temperature):
+    """0.5 * T^2 * KL(p_t || p_s) at temperature T, the logit term at its default weight, written out."""
+    log_p_t, log_p_s = (z.div(temperature).log_softmax(-1) for z in (teacher_logits, student_logits))
+    return 0.5 * temperature ** 2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize('argv, temperature', [((), 1.0), (('--kd-temperature', '4'), 4.0),
+                                               (('--kd-temperature', '4', '--ufd-temperature', '2'), 2.0)])
+def test_logit_term_temperature_is_the_own_flag_else_the_kd_temperature(argv, temperature):
+    """--ufd-temperature when given; unset, --kd-temperature, the key the released ufd configs set."""
+    d = build('test_resnet', 'test_convnext', '--ufd-heads', '4', *argv)
+    x, y = batch()
+    logits, losses = d(x, y)
+    assert losses['loss_kd'].item() == pytest.approx(logit_term(logits, d.teacher(x), temperature), rel=1e-5)
+
+
+def test_a_temperature_that_is_not_positive_is_refused_naming_its_flag():
+    with pytest.raises(DistillerError, match='--ufd-temperature must be positive'):
+        build('test_resnet', 'test_convnext', '--ufd-temperature', '0')
+    with pytest.raises(DistillerError, match='--kd-temperature must be positive'):
+        build('test_resnet', 'test_convnext', '--kd-temperature', '-1')
 
 
 def test_no_kd_variant_and_weights_flag():

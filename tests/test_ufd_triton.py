@@ -1,4 +1,5 @@
-"""The fused UFD kernels (distillers/ufd_triton.py) against the eager path of distillers/ufd.py.
+"""The fused frequency kernels (distillers/kernels/frequency_triton.py) against the eager path of
+distillers/frequency.py, which computes UFD's terms and ScaleKD's frequency view.
 
 The eager path is the one checked against the DCT oracle, gradcheck and the spec's properties (test_ufd.py), so
 here the kernels must give its values and gradients: on a GPU when there is one, and without one under Triton's
@@ -7,7 +8,7 @@ interpreter, which runs the same kernels on CPU tensors (tests/conftest.py turns
 import pytest
 import torch
 
-from distillers import ufd
+from distillers import frequency, kernels
 
 triton = pytest.importorskip('triton')
 
@@ -16,19 +17,19 @@ DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 @pytest.fixture
 def use_kernels(monkeypatch):
-    """Routes ufd.py's losses through the kernels for `device` tensors; returns the kernel module."""
+    """Routes the decoupled losses through the kernels for `device` tensors; returns the kernel module."""
     def route(device):
         if device == 'cpu' and not triton.knobs.runtime.interpret:
             pytest.skip('CPU tensors need Triton\'s interpreter (tests/conftest.py sets it when there is no GPU)')
-        from distillers import ufd_triton as kernels
-        monkeypatch.setattr(ufd, 'fused_kernels', lambda *maps: kernels)
-        return kernels
+        from distillers.kernels import frequency_triton
+        monkeypatch.setattr(kernels, 'frequency_kernels', lambda *maps: frequency_triton)
+        return frequency_triton
     return route
 
 
 def eager(fn, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(ufd, 'fused_kernels', lambda *maps: None)
+        m.setattr(kernels, 'frequency_kernels', lambda *maps: None)
         return fn()
 
 
@@ -36,7 +37,7 @@ def losses_and_gradients(spatial, channel, teacher, weights=(0.7, 1.3, 0.2, 0.05
     """decoupled_losses' terms and the gradients of their weighted sum for the two student maps."""
     spatial = spatial.detach().clone().requires_grad_(True)
     channel = channel.detach().clone().requires_grad_(True) if channel is not None else None
-    terms = ufd.decoupled_losses(spatial, channel, teacher)
+    terms = frequency.decoupled_losses(spatial, channel, teacher)
     sum(w * term for w, term in zip(weights, terms)).backward()
     return torch.stack(terms).detach(), spatial.grad, channel.grad if channel is not None else None
 
@@ -81,26 +82,26 @@ def test_kernels_give_the_eager_values_and_gradients(device, shape, layout, bran
 def test_kernels_without_gradients_and_with_one_map_the_same_for_both(device, use_kernels, monkeypatch):
     g = torch.Generator().manual_seed(7)
     student, teacher = (torch.randn(2, 40, 3, 4, generator=g).to(device) for _ in range(2))
-    expected = eager(lambda: ufd.decoupled_losses(student, student, teacher), monkeypatch)
+    expected = eager(lambda: frequency.decoupled_losses(student, student, teacher), monkeypatch)
     use_kernels(device)
     with torch.no_grad():
-        torch.testing.assert_close(torch.stack(ufd.decoupled_losses(student, student, teacher)),
+        torch.testing.assert_close(torch.stack(frequency.decoupled_losses(student, student, teacher)),
                                    torch.stack(expected))
     # one map feeding both branches (the benchmark's case) gets the sum of the two gradients
     s = student.clone().requires_grad_(True)
-    sum(ufd.decoupled_losses(s, s, teacher)).backward()
+    sum(frequency.decoupled_losses(s, s, teacher)).backward()
     s_eager = student.clone().requires_grad_(True)
-    eager(lambda: sum(ufd.decoupled_losses(s_eager, s_eager, teacher)).backward(), monkeypatch)
+    eager(lambda: sum(frequency.decoupled_losses(s_eager, s_eager, teacher)).backward(), monkeypatch)
     assert_gradients_close(s.grad, s_eager.grad)
 
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_a_teacher_that_needs_a_gradient_takes_the_eager_path(device, use_kernels, monkeypatch):
-    kernels = use_kernels(device)
+    fused = use_kernels(device)
     calls = []
-    monkeypatch.setattr(kernels, 'decoupled_terms', lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fused, 'decoupled_terms', lambda *a, **k: calls.append(1))
     s, t = (torch.randn(2, 8, 3, 3, device=device, requires_grad=True) for _ in range(2))
-    sum(ufd.decoupled_losses(s, s, t)).backward()
+    sum(frequency.decoupled_losses(s, s, t)).backward()
     assert not calls and t.grad.abs().sum() > 0
 
 
@@ -119,7 +120,7 @@ def test_kernels_keep_the_rounding_guard(device, branch, use_kernels):
         ac_index, vectors = 3, c
     use_kernels(device)
     student = (exact * (1 + 1e-7 * torch.randn(b, c, h, w, generator=g))).to(device).requires_grad_(True)
-    ac = ufd.decoupled_losses(student, student, teacher)[ac_index]
+    ac = frequency.decoupled_losses(student, student, teacher)[ac_index]
     assert ac.item() == pytest.approx(vectors, rel=1e-6)
     ac.backward()
     assert torch.count_nonzero(student.grad) == 0
@@ -133,9 +134,9 @@ def test_a_non_finite_map_gives_non_finite_terms(device, bad, use_kernels, monke
     g = torch.Generator().manual_seed(13)
     student, teacher = (torch.randn(2, 24, 3, 3, generator=g).to(device) for _ in range(2))
     student[1, 5, 2, 0] = bad
-    expected = eager(lambda: ufd.decoupled_losses(student, student, teacher), monkeypatch)
+    expected = eager(lambda: frequency.decoupled_losses(student, student, teacher), monkeypatch)
     use_kernels(device)
-    got = ufd.decoupled_losses(student, student, teacher)
+    got = frequency.decoupled_losses(student, student, teacher)
     assert [bool(torch.isfinite(x)) for x in got] == [bool(torch.isfinite(x)) for x in expected] == [False] * 4
 
 
@@ -157,11 +158,11 @@ def test_bfloat16_maps_on_the_gpu(use_kernels, monkeypatch):
 
 def test_kernels_are_used_only_where_they_can_run(monkeypatch):
     cpu = torch.zeros(2, 3, 4, 5)
-    assert ufd.fused_kernels(cpu, cpu) is None
+    assert kernels.frequency_kernels(cpu, cpu) is None
     if torch.cuda.is_available():
         gpu = cpu.cuda()
-        assert ufd.fused_kernels(gpu, gpu) is not None
-        assert ufd.fused_kernels(gpu, gpu.double()) is None
-        assert ufd.fused_kernels(gpu, gpu[:, :, :, :3]) is None  # H and W do not form one axis
-        monkeypatch.setattr(ufd, 'FUSED_KERNELS', False)
-        assert ufd.fused_kernels(gpu, gpu) is None
+        assert kernels.frequency_kernels(gpu, gpu) is not None
+        assert kernels.frequency_kernels(gpu, gpu.double()) is None
+        assert kernels.frequency_kernels(gpu, gpu[:, :, :, :3]) is None  # H and W do not form one axis
+        monkeypatch.setattr(kernels, 'FUSED_KERNELS', False)
+        assert kernels.frequency_kernels(gpu, gpu) is None

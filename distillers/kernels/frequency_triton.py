@@ -1,14 +1,14 @@
-"""Fused GPU kernels for UFD's four terms: `decoupled_losses` of distillers/ufd.py in one Triton launch forward
-and one backward.
+"""Fused GPU kernels for the frequency-decoupled terms: `decoupled_losses` of distillers/frequency.py (UFD's four
+terms, ScaleKD's frequency view) in one Triton launch forward and one backward.
 
-Why a second file for UFD's loss: at UFD's shapes (B=64, C=768, 7x7 or 14x14) the eager closed form dispatches
+Why: at UFD's shapes (B=64, C=768, 7x7 or 14x14) the eager closed form dispatches
 about 110 small operations forward and 200 forward+backward, and on a GPU their host cost, not arithmetic, sets
 the time: it was barely faster than the DCT it replaces. The math here is that of `squared_errors_and_gradients`
 (same floor, clamp, rounding guard and gradient coefficients); only the order of float32 additions differs.
-ufd.py uses these kernels for CUDA maps (float32, bfloat16 or float16, read as they are, math in float32) when
-Triton imports, the teacher's map needs no gradient and the code is not being traced by torch.compile; everything
-else takes the eager path. This module imports Triton at the top, so ufd.py imports it only when a CUDA map
-arrives.
+frequency.py uses these kernels for CUDA maps (float32, bfloat16 or float16, read as they are, math in float32)
+when Triton imports, the teacher's map needs no gradient and the code is not being traced by torch.compile
+(`frequency_kernels` in kernels/__init__.py); everything else takes the eager path. This module imports Triton at
+the top, so it is imported only when a CUDA map arrives.
 
 Layout: a branch sees each sample as an (M, K) matrix read through strides, M vectors of length K, straight from
 the (B, C, H, W) map (any layout whose H*W positions form one strided axis; no copy is made). The spatial branch
@@ -33,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .base_triton import on_device
-from .ufd import AC_RELATIVE_TOLERANCE, SQUARED_NORM_FLOOR
+from ..frequency import AC_RELATIVE_TOLERANCE, SQUARED_NORM_FLOOR
+from . import on_device
 
 
 @triton.jit
 def _term_and_coefficients(ss, tt, st, live_s, live_t, floor):
-    """squared_errors_and_gradients of ufd.py for reduced sums: the clamped term and a_s, a_t, b."""
+    """squared_errors_and_gradients of frequency.py for reduced sums: the clamped term and a_s, a_t, b."""
     ss = ss * live_s
     tt = tt * live_t
     st = st * live_s * live_t
@@ -129,7 +129,7 @@ def _branch_forward(s_ptr, t_ptr, work_ptr, terms_ptr, b, batch, M, K, s_sm, s_s
             st += s_ac * t_ac
         ss_rows = tl.sum(ss, axis=1)
         tt_rows = tl.sum(tt, axis=1)
-        # the rounding guard of ufd.py: an AC row this small next to its mean vector is an exact zero
+        # the rounding guard of frequency.py: an AC row this small next to its mean vector is an exact zero
         live_s = tl.where(ss_rows > tolerance_sq * mu_ss_sum, 1.0, 0.0)
         live_t = tl.where(tt_rows > tolerance_sq * mu_tt_sum, 1.0, 0.0)
         term, a_s, a_t, coef_b = _term_and_coefficients(ss_rows, tt_rows, tl.sum(st, axis=1), live_s, live_t,

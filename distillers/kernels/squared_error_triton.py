@@ -1,5 +1,5 @@
-"""Fused GPU kernels for `squared_error_sum` of distillers/base.py: sum((s - t)^2) in one pass over both maps, and
-its gradient in one more.
+"""Fused GPU kernels for `squared_error_sum` of kernels/squared_error.py: sum((s - t)^2) in one pass over both
+maps, and its gradient in one more.
 
 Why: the eager form writes the float32 difference, reads it back for the sum and again for the gradient. For a
 bf16 student map against the teacher's float32 map that is 20 bytes of memory traffic per element; here the
@@ -9,28 +9,26 @@ ResNet-18 at batch 128 cover 193M elements, so that is about 2.7 instead of 3.9 
 the larger part of what FitNet adds beyond its regressors. The maps are saved for the backward instead of the
 difference (6 bytes per element instead of 4).
 
+The gain is unmeasured: those figures count bytes, and no GPU has been available to time the kernels against
+the eager form (unlike the frequency kernels, whose H100/H200 timings are in the README's Performance section). Setting
+`distillers.kernels.FUSED_KERNELS = False` runs the eager form for such a comparison.
+
 The math is the eager form's: both maps widened to float32 in registers, the difference, its square; only the
 order of the float32 additions differs (a tree within each block of BLOCK elements, then PyTorch's sum over the
-blocks). The gradient 2 g (s - t) is the eager form's to the bit. base.py uses these kernels for CUDA maps of
-one dense layout (the same strides) when Triton imports and the code is not being traced by torch.compile;
-everything else takes the eager path. Under TRITON_INTERPRET=1 the kernels run on CPU tensors, which is how the
-tests check them without a GPU.
+blocks). The gradient 2 g (s - t) is the eager form's to the bit. squared_error.py uses these kernels for CUDA
+maps of one dense layout (the same strides) when Triton imports and the code is not being traced by torch.compile
+(`squared_error_kernels` in kernels/__init__.py); everything else takes the eager path. Under TRITON_INTERPRET=1
+the kernels run on CPU tensors, which is how the tests check them without a GPU.
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 BLOCK = 4096
-
-
-def on_device(device: torch.device):
-    """Triton launches on the current CUDA device, in its current stream: for tensors elsewhere (cuda:1 while
-    cuda:0 is current) that would be the wrong GPU. This makes their device current for the launch; CPU tensors,
-    under the interpreter, need nothing."""
-    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
 
 
 @triton.jit
