@@ -25,6 +25,9 @@ Ratios:
   FLOP. For logit methods it equals `overhead`; for feature methods it is the overhead beyond their modules'
   arithmetic.
 - `vs_timm` (kd only) = kd_step / the step of timm's LogitDistillationTask, run through the same train_step.
+- `--cached` (docs/cache.md): `kd@cache` = the kd step reading the teacher's records from a cache of the batch, as
+  train.py does each step, / the student step (target <= 1.02); `cache_writer` = the cache writer's images/s / the
+  teacher's inference alone (target >= 0.9).
 The teacher forward is timed as the distiller runs it (torch.inference_mode unless the distiller opts out) and,
 as a second row, under the other grad mode. On CUDA, `host_syncs` counts what CUDA's sync debug mode flags as
 synchronizing in one step (`.item()`, boolean-mask indexing, `nonzero`): a step should have none.
@@ -37,6 +40,7 @@ import copy
 import csv
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -44,6 +48,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -53,8 +58,10 @@ import torch.nn as nn
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 import train
-from cli import ArgumentParser, UsageError
+from cli import ArgumentParser, UsageError, report_user_error
 from data.loader import student_data_config
+from data.teacher_cache import (CACHE_FORMAT, CACHE_VERSION, CachedTeacher, CacheWriter, TeacherCache,
+                                write_manifest)
 from distillers import DISTILLERS, DistillerError
 from distillers.vanilla import Vanilla
 from models.factory import ModelError, create_model_at_size
@@ -79,6 +86,11 @@ def build_parser():
                              '--num-bench-iter, one step per variant per round: the finest interleaving)')
     parser.add_argument('--no-peer', action='store_true', default=False,
                         help='do not time timm\'s LogitDistillationTask')
+    parser.add_argument('--cached', action='store_true', default=False,
+                        help='add the cached rows: kd from a teacher cache, and the cache writer (docs/cache.md)')
+    parser.add_argument('--cache-topk', type=int, default=10, metavar='K', help='K of the cached rows (default: 10)')
+    parser.add_argument('--cache-dtype', default='float16', choices=['float16', 'float32'],
+                        help='dtype of the cached rows (default: float16)')
     parser.add_argument('--no-flops', action='store_true', default=False, help='skip the FLOP counts')
     parser.add_argument('--no-memory', action='store_true', default=False, help='skip the peak-memory pass')
     parser.add_argument('--results-file', default='', metavar='FILE', help='write the rows to a csv or json file')
@@ -365,6 +377,33 @@ def load_batch(targs, input_size, data_config, num_classes):
     return images, torch.tensor([int(t) for _, t in samples]) % num_classes
 
 
+def cached_variants(args, make_kd, teacher, images, labels, num_classes, amp_autocast, timed_step, folder):
+    """{'kd': the kd step (`make_kd(teacher)` builds the distiller) reading its teacher from a cache of this batch
+    through train.py's per-step code (CachedTeacher.load_batch, then train_step), 'writer': cache_teacher.py's
+    step (the teacher's inference, its top-K records written to a memory map), 'teacher': that inference alone}."""
+    topk, n = args.cache_topk, len(images)
+
+    def infer():
+        with amp_autocast(), torch.inference_mode():
+            return teacher(images)
+    written = CacheWriter(folder, 0, 1, 1, n, topk, num_classes, args.cache_dtype)
+    written.write(0, 0, infer())
+    write_manifest(folder, {'format': CACHE_FORMAT, 'version': CACHE_VERSION, 'topk': topk, 'dtype': args.cache_dtype,
+                            'processes': 1, 'records_per_epoch': n, 'epochs': 1, 'dataset': {'classes': num_classes},
+                            'shards': [written.close()]})
+    kd = make_kd(CachedTeacher(TeacherCache.open(folder)))
+    kd_step, positions = timed_step(kd, (images, labels, {})), torch.arange(n)
+
+    def cached_kd():
+        kd.teacher.load_batch(0, positions, images.device)
+        kd_step()
+    epochs = 64  # the writer moves on to fresh pages of its map at each step, as it does through an epoch
+    writer, calls = CacheWriter(folder, 0, 1, epochs, n, topk, num_classes, args.cache_dtype), itertools.count()
+    return {'kd': Variant('kd@cache', 'cached', cached_kd, kd),
+            'writer': Variant('cache_writer', 'cached', lambda: writer.write(next(calls) % epochs, 0, infer())),
+            'teacher': Variant('teacher:logits@inference_mode[alone]', 'cached', infer)}
+
+
 def time_round_robin(variants, warm, iters, rounds, device):
     for v in variants:
         for _ in range(warm):
@@ -393,12 +432,14 @@ def bench_train(args, targs):
     synthetic = (targs.dataset or '').lower() == 'synthetic'
     num_classes = targs.num_classes or (targs.synthetic_classes if synthetic else 1000)
     amp_autocast, _ = train.create_amp(targs, device)
+    if args.cached and not 1 <= args.cache_topk <= num_classes:
+        raise UsageError(f'--cache-topk {args.cache_topk} is not between 1 and the {num_classes} classes')
 
     torch.manual_seed(targs.seed)
     student = create_model_at_size(targs.model, input_size, num_classes=num_classes,
                                    **train.parse_kwargs(targs.model_kwargs, '--model-kwargs'))
     teacher = teacher_norm = None
-    if any(DISTILLERS[n].needs_teacher for n in names):
+    if args.cached or any(DISTILLERS[n].needs_teacher for n in names):
         targs.teacher = targs.teacher or DEFAULT_TEACHER
         teacher, _, teacher_norm = train.build_teacher(targs, num_classes, input_size, data_config['mean'],
                                                        data_config['std'])
@@ -483,6 +524,13 @@ def bench_train(args, targs):
                                                         (images, labels, {}), targs, device))
         variants.append(peer)
 
+    cached, cache_dir = None, tempfile.TemporaryDirectory(prefix='benchmark-cache-') if args.cached else None
+    if args.cached:
+        cached = cached_variants(
+            args, lambda t: prepare(DISTILLERS['kd'](copy.deepcopy(student), t, criterion, targs, input_size)),
+            compiled(teacher), images, labels, num_classes, amp_autocast, timed_step, cache_dir.name)
+        variants.extend(cached.values())
+
     _logger.info(f'Timing {len(variants)} variants: {args.num_warm_iter} warm-up + {args.num_bench_iter} steps each, '
                  f'{args.rounds} round-robin rounds, batch {targs.batch_size} at {input_size[-1]}px on {device}')
     time_round_robin(variants, args.num_warm_iter, args.num_bench_iter, args.rounds, device)
@@ -519,11 +567,14 @@ def bench_train(args, targs):
                          batch_size=targs.batch_size, img_size=input_size[-1], device=str(device),
                          amp=targs.amp_dtype if targs.amp else 'off', channels_last=targs.channels_last,
                          compile=targs.torchcompile or 'off')
-    return result_rows(student_variant, teacher_variants, peer, rows_info, flops, common), device
+    if cache_dir is not None:
+        cache_dir.cleanup()
+    return result_rows(student_variant, teacher_variants, peer, rows_info, flops, common, cached), device
 
 
-def result_rows(student_variant, teacher_variants, peer, rows_info, flops, common):
-    """One row per variant; the distill rows carry the ratios to the student step, teacher forward and peer."""
+def result_rows(student_variant, teacher_variants, peer, rows_info, flops, common, cached=None):
+    """One row per variant; the distill rows carry the ratios to the student step, teacher forward and peer, the
+    cached rows theirs to the student step and the teacher's inference."""
     batch_size = common['batch_size']
 
     def median(v):
@@ -552,6 +603,16 @@ def result_rows(student_variant, teacher_variants, peer, rows_info, flops, commo
                           teacher_request='; '.join(describe_request(r) for r in key[0])) for v in pair]
     if peer is not None:
         rows.append(base_row(peer, vs_timm=1.0, status='ok'))
+    if cached:
+        kd, writer, alone = cached['kd'], cached['writer'], cached['teacher']
+        paired = [k / s for k, s in zip(kd.round_ms, student_variant.round_ms)]
+        rows += [base_row(alone, teacher_request='logits', status='ok'), base_row(
+            kd, student_step_ms=round(student_ms, 3), overhead=round(median(kd) / student_ms, 3),
+            overhead_paired_median=round(statistics.median(paired), 3), overhead_paired_min=round(min(paired), 3),
+            overhead_paired_max=round(max(paired), 3), status='ok'), base_row(
+            writer, teacher_fwd_ms=round(median(alone), 3), writer_vs_teacher=round(median(alone) / median(writer), 3),
+            writer_vs_teacher_paired_median=round(statistics.median(
+                t / w for t, w in zip(alone.round_ms, writer.round_ms)), 3), status='ok')]
     for name, info in rows_info.items():
         v = info['variant']
         if v is None:
@@ -633,6 +694,21 @@ def print_rows(rows, machine):
           + (' syncs: operations in one step that CUDA\'s sync debug mode flags as synchronizing (.item(), '
              'boolean-mask indexing, nonzero); the NaN check\'s wait on its own pinned copy is not one of them.'
              if syncs else ''))
+    cached = {r['variant']: r for r in rows if r['kind'] == 'cached'}
+    if cached:
+        print(f'cached: kd from the cache / student step = {overhead_text(cached["kd@cache"])} (target <= 1.02); '
+              f'cache writer images/s / teacher inference images/s = {cached["cache_writer"]["writer_vs_teacher"]:.3f} '
+              f'(target >= 0.9)')
+
+
+def report(rows, print_rows, machine: str, args) -> int:
+    """The end of a benchmark's main(): `print_rows(rows, machine)`, then the rows to --results-file (when given)
+    in --results-format; returns the exit status, 0."""
+    print_rows(rows, machine)
+    if args.results_file:
+        write_rows(rows, args.results_file, args.results_format)
+        print(f'\nRows written to {args.results_file}')
+    return 0
 
 
 def main(argv=None):
@@ -642,13 +718,8 @@ def main(argv=None):
         args, targs = parse_args(argv)
         rows, device = bench_train(args, targs)
     except (UsageError, ModelError, DistillerError) as e:
-        print(f'benchmark.py: error: {e}', file=sys.stderr)
-        return 2
-    print_rows(rows, machine_description(device))
-    if args.results_file:
-        write_rows(rows, args.results_file, args.results_format)
-        print(f'\nRows written to {args.results_file}')
-    return 0
+        return report_user_error('benchmark.py', e)
+    return report(rows, print_rows, machine_description(device), args)
 
 
 if __name__ == '__main__':

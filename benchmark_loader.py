@@ -24,8 +24,8 @@ import timm
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
 import train
-from benchmark import fmt_num, machine_description, markdown_table, resolve_device, synchronize, write_rows
-from cli import ArgumentParser, UsageError
+from benchmark import fmt_num, machine_description, markdown_table, report, resolve_device, synchronize
+from cli import ArgumentParser, UsageError, report_user_error
 from data import DatasetError, create_datasets
 from data.loader import build_train_transform, create_train_loader, student_data_config
 from data.synthetic import write_jpeg_folder
@@ -147,13 +147,8 @@ def main(argv=None):
             targs.data_dir = targs.data
         rows, device = bench_loader(args, targs)
     except UsageError as e:
-        print(f'benchmark_loader.py: error: {e}', file=sys.stderr)
-        return 2
-    print_rows(rows, machine_description(device, threads=False))
-    if args.results_file:
-        write_rows(rows, args.results_file, args.results_format)
-        print(f'\nRows written to {args.results_file}')
-    return 0
+        return report_user_error('benchmark_loader.py', e)
+    return report(rows, print_rows, machine_description(device, threads=False), args)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import suppress
 
 import torch
 import torch.distributed as dist
@@ -23,9 +22,8 @@ import torch.nn as nn
 from timm.utils import init_distributed_device
 
 import train
-from cli import UsageError, number
+from cli import UsageError, exit_process, number, report_user_error
 from data import DatasetError, create_datasets
-from data.errors import user_message
 from data.loader import build_train_transform, create_train_loader, student_data_config
 from data.mixup import GlobalBatchMixup
 from data.teacher_cache import (CACHE_FORMAT, CACHE_VERSION, CacheWriter, TeacherCacheError,
@@ -226,12 +224,8 @@ def run():
     except (UsageError, DatasetError, DistillerError, CheckpointError, ModelError) as e:
         if debug:
             raise
-        print(f'cache_teacher.py: error: {user_message(e)}', file=sys.stderr)
-        code = 2
-    if dist.is_available() and dist.is_initialized():
-        with suppress(Exception):
-            dist.destroy_process_group()
-    sys.exit(code)
+        code = report_user_error('cache_teacher.py', e)
+    exit_process(code)
 
 
 if __name__ == '__main__':

@@ -1,16 +1,37 @@
-"""The command-line conventions train.py and validate.py share.
+"""The command-line conventions the scripts (train.py, validate.py, cache_teacher.py, the benchmarks) share.
 
-A mistake on the command line (or in a YAML config) is one sentence on stderr and exit status 2: `UsageError`.
+A mistake on the command line (or in a YAML config) is one sentence on stderr and exit status 2: `UsageError`,
+printed by `report_user_error`.
 Flags are never abbreviated, so a misspelt flag is never taken for another. A flag's value is checked where it is
 parsed: a single value by its argparse `type=` (`number(...)` for ranges), values that only make sense together
 (how many, in what order) by `check_values` right after parsing.
 """
 import argparse
-from typing import Callable, Iterable, Tuple
+import sys
+from contextlib import suppress
+from typing import Callable, Iterable, NoReturn, Tuple
+
+import torch.distributed as dist
+
+from data.errors import user_message
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one sentence on stderr, exit status 2, nothing written."""
+
+
+def report_user_error(script: str, error: Exception) -> int:
+    """Print a user's mistake as `<script>: error: <one sentence>` on stderr; returns its exit status, 2."""
+    print(f'{script}: error: {user_message(error)}', file=sys.stderr)
+    return 2
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`, first leaving the process group of a distributed run (torchrun) if one was started."""
+    if dist.is_available() and dist.is_initialized():
+        with suppress(Exception):
+            dist.destroy_process_group()
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):

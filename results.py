@@ -16,9 +16,16 @@ whole resolved configuration (and its teacher's), so a table can be extended by 
 the rest. Outputs in --output: results.md (the table and every run's per-epoch top-1), results.csv/json (one
 row per method and pair), runs.csv (one row per run), gains.png (gains with their intervals, a panel per pair).
 
+`kd@cache` is kd trained from a teacher cache (docs/cache.md) with its defaults (top-10, or every class where there
+are fewer; float16): for each pair and seed, cache_teacher.py writes the teacher's outputs on that seed's data stream
+once (train.py's data seed defaults to --seed, so the cache serves exactly the run it is paired with), and
+`train.py --teacher-cache` trains kd from it. Its row `kd@cache vs kd` is its paired difference to kd from the live
+teacher.
+
     python results.py                                  # the full table: 5 seeds, every method, every pair
     python results.py --quick                          # 2 seeds, 4 student epochs: a smoke check
     python results.py --methods kd ufd --pairs cnn     # a part of it (finished runs are reused)
+    python results.py --methods kd kd@cache --pairs cnn   # kd from the live teacher and from a teacher cache
     python results.py --dataset torch/cifar100 --data-dir data/cifar --device cuda
 """
 import csv
@@ -65,6 +72,7 @@ TRAIN_RECIPE = ['--sched-on-updates', '--eval-interval', '1']
 # students learn from half of the images their teacher saw (a deterministic, class-balanced half)
 STUDENT_DATA = ['--synthetic-train-fraction', '0.5']
 SEEDS, QUICK_SEEDS, QUICK_EPOCHS, TEACHER_EPOCHS = 5, 2, 4, 12
+CACHED_KD, CACHE_TOPK = 'kd@cache', 10  # kd from a teacher cache (cache_teacher.py's default K) per pair and seed
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
 T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
          2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
@@ -78,7 +86,8 @@ def build_parser():
     parser.add_argument('--quick', action='store_true', default=False,
                         help=f'{QUICK_SEEDS} seeds and {QUICK_EPOCHS} student epochs: a smoke check, not evidence')
     parser.add_argument('--methods', nargs='+', default=None, metavar='NAME',
-                        help='distillers to run (default: every one but vanilla, which always runs)')
+                        help=f'distillers to run, and {CACHED_KD} (kd from a teacher cache) (default: every one '
+                             f'but vanilla, which always runs)')
     parser.add_argument('--pairs', nargs='+', default=None, metavar='NAME',
                         help=f'pairs to run (default: all of {", ".join(PAIRS)}, and any --pair)')
     parser.add_argument('--pair', nargs=3, action='append', default=None, metavar=('NAME', 'TEACHER', 'STUDENT'),
@@ -190,7 +199,8 @@ class TrainRun:
         epoch_top1 = self._read_summary()
         if info.get('fingerprint') != self.fingerprint or info.get('exit_code') != 0 or len(epoch_top1) != self.epochs:
             return False
-        self.status, self.exit_code, self.epoch_top1, self.top1 = 'ok', 0, epoch_top1, epoch_top1[-1]
+        self.status, self.exit_code, self.epoch_top1 = 'ok', 0, epoch_top1
+        self.top1 = epoch_top1[-1] if epoch_top1 else None
         self.wall_s, self.cpu_s = info.get('wall_s'), info.get('cpu_s')
         return True
 
@@ -219,11 +229,24 @@ class TrainRun:
         elif len(self.epoch_top1) != self.epochs:
             self.status = f'failed: summary.csv has {len(self.epoch_top1)} of {self.epochs} epochs'
         else:
-            self.status, self.top1 = 'ok', self.epoch_top1[-1]
+            self.status, self.top1 = 'ok', self.epoch_top1[-1] if self.epoch_top1 else None
             with open(self.run_dir / 'results_run.json', 'w') as f:
                 json.dump({'argv': self.argv, 'fingerprint': self.fingerprint, 'exit_code': 0,
                            'wall_s': self.wall_s, 'cpu_s': self.cpu_s}, f)
         return self
+
+
+class CacheRun(TrainRun):
+    """One cache_teacher.py subprocess writing the teacher cache of a student run's data stream (the run's own
+    train.py arguments) into its folder; it evaluates no epochs (`epochs` 0), and is reused as a TrainRun is."""
+
+    def command(self):
+        topk = min(CACHE_TOPK, run_classes(train.parse_args(self.argv)[0]))  # every class where there are fewer
+        return [sys.executable, str(REPO / 'cache_teacher.py'), *self.argv, '--cache-dir', str(self.run_dir),
+                '--cache-topk', str(topk), '--overwrite']
+
+    def finished(self):
+        return (self.run_dir / 'manifest.json').exists() and super().finished()
 
 
 def parse_model(text):
@@ -241,13 +264,18 @@ def slug(spec):
     return spec.replace(',', '_').replace('=', '')
 
 
+def run_classes(args):
+    """The number of classes of a run's dataset, from its train.py arguments (10 for an ImageFolder)."""
+    dataset = (args.dataset or '').lower()
+    return args.num_classes or (args.synthetic_classes if dataset == 'synthetic' else CIFAR_CLASSES.get(dataset, 10))
+
+
 def admission(method, teacher_spec, student_spec, argv):
     """None when `method`'s constructor accepts the pair (random weights, the run's input size), else why not."""
     args = train.parse_args([*argv, '--distiller', method, *model_argv(student_spec, '--model', '--model-kwargs')]
                             + (model_argv(teacher_spec, '--teacher', '--teacher-kwargs') if teacher_spec else []))[0]
     input_size = tuple(train.student_data_config(args)['input_size'])
-    dataset = (args.dataset or '').lower()
-    classes = args.num_classes or (args.synthetic_classes if dataset == 'synthetic' else CIFAR_CLASSES.get(dataset, 10))
+    classes = run_classes(args)
     try:
         student = create_model_at_size(args.model, input_size, num_classes=classes,
                                        **train.parse_kwargs(args.model_kwargs, '--model-kwargs'))
@@ -273,10 +301,10 @@ def plan(args):
     unknown = [p for p in selected if p not in pairs]
     if unknown:
         raise UsageError(f'unknown pair {unknown[0]!r}; choose from {", ".join(pairs)} or add one with --pair')
-    methods = [m for m in (args.methods or DISTILLERS) if m != 'vanilla']
-    unknown = [m for m in methods if m not in DISTILLERS]
+    methods = [m for m in (args.methods or [*DISTILLERS, CACHED_KD]) if m != 'vanilla']
+    unknown = [m for m in methods if m not in DISTILLERS and m != CACHED_KD]
     if unknown:
-        raise UsageError(f'unknown method {unknown[0]!r}; choose from {", ".join(DISTILLERS)}')
+        raise UsageError(f'unknown method {unknown[0]!r}; choose from {", ".join(DISTILLERS)} or {CACHED_KD}')
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else
                              int(train.load_config_defaults(str(DEMO_DIR / 'vanilla.yaml'), train.parser)['epochs']))
@@ -316,9 +344,12 @@ def run_table(args):
             teachers[teacher] = TrainRun(f'teacher {slug(teacher)}', output / 'teachers', argv, args.teacher_epochs,
                                          seed=0)
 
+    caches = []
+
     def student_run(method, student, seed, pair_name=None):
-        argv = [*student_common, *model_argv(student, '--model', '--model-kwargs'), '--distiller', method,
-                '--seed', str(seed)]
+        cached = method == CACHED_KD
+        argv = [*student_common, *model_argv(student, '--model', '--model-kwargs'),
+                '--distiller', 'kd' if cached else method, '--seed', str(seed)]
         teacher_run = None
         if pair_name is not None:
             teacher = pairs[pair_name][0]
@@ -326,6 +357,11 @@ def run_table(args):
             argv += [*model_argv(teacher, '--teacher', '--teacher-kwargs'),
                      '--teacher-checkpoint', str(teacher_run.run_dir / 'checkpoint' / 'last.pth.tar')]
         folder = output / (pair_name or f'alone_{slug(student)}')
+        if cached:  # the cache of this run's data stream (its data seed is --seed), written once by the teacher
+            teacher_run = CacheRun(f'cache s{seed}', output / 'caches' / pair_name, argv, 0, seed,
+                                   depends_on=teacher_run)
+            caches.append((('cache', pair_name, student), teacher_run))
+            argv = argv + ['--teacher-cache', str(teacher_run.run_dir)]
         return TrainRun(f'{method} s{seed}', folder, argv, epochs, seed, depends_on=teacher_run)
 
     # which method runs where: its constructor decides, on random weights at the run's input size
@@ -335,7 +371,7 @@ def run_table(args):
     for student in students:
         groups[('vanilla', None, student)] = [student_run('vanilla', student, s) for s in range(seeds)]
     for method in methods:
-        if not DISTILLERS[method].needs_teacher:
+        if method != CACHED_KD and not DISTILLERS[method].needs_teacher:
             for student in students:
                 why = admission(method, None, student, student_common)
                 if why:
@@ -344,7 +380,7 @@ def run_table(args):
                     groups[(method, None, student)] = [student_run(method, student, s) for s in range(seeds)]
             continue
         for name, (teacher, student) in pairs.items():
-            why = admission(method, teacher, student, student_common)
+            why = admission('kd' if method == CACHED_KD else method, teacher, student, student_common)
             if why:
                 refused.append((method, name, why))
             else:
@@ -353,8 +389,8 @@ def run_table(args):
     student_runs = [r for runs in groups.values() for r in runs]
     print(f'Results: pairs {", ".join(f"{k} ({t} -> {s})" for k, (t, s) in pairs.items())}; '
           f'{len(groups) - len(students)} method-pair groups, {len(refused)} refused by their method; {seeds} '
-          f'seed(s), {epochs} student epochs; {len(teachers) + len(student_runs)} runs, {jobs} at once x {threads} '
-          f'thread(s)', flush=True)
+          f'seed(s), {epochs} student epochs; {len(teachers) + len(caches) + len(student_runs)} runs, {jobs} at once '
+          f'x {threads} thread(s)', flush=True)
 
     def execute(runs):
         run_threads = max(threads, cpus // max(1, min(jobs, len(runs))))
@@ -365,11 +401,13 @@ def run_table(args):
                       f'{curve}', flush=True)
 
     execute(list(teachers.values()))
+    execute([run for _, run in caches])
     execute(student_runs)
 
     rows = table_rows(pairs, teachers, groups, refused)
     run_rows = [run_row(run, key) for key, runs in groups.items() for run in runs]
     run_rows = [run_row(run, ('teacher', None, spec)) for spec, run in teachers.items()] + run_rows
+    run_rows += [run_row(run, key) for key, run in caches]
     total = time.time() - started
     text = results_markdown(rows, run_rows, args, pairs, seeds, epochs, jobs, threads, total)
     print('\n' + text)
@@ -404,19 +442,26 @@ def table_rows(pairs, teachers, groups, refused):
                                 teacher=spec, student='', seeds=int(run.top1 is not None), top1_mean=run.top1,
                                 gain_mean=None, gain_ci_low=None, gain_ci_high=None, ci_half_width=None,
                                 status=run.status))
-    for (method, pair, student), runs in groups.items():
-        vanilla = {r.seed: r.top1 for r in groups[('vanilla', None, student)]}
-        paired = [(r.top1, vanilla[r.seed]) for r in runs if r.top1 is not None and vanilla[r.seed] is not None]
+    def gain_row(method, pair, student, runs, base_runs, note=''):
+        base = {r.seed: r.top1 for r in base_runs}
+        paired = [(r.top1, base.get(r.seed)) for r in runs if r.top1 is not None and base.get(r.seed) is not None]
         ok = [r.top1 for r in runs if r.top1 is not None]
         mean, low, high = paired_gain(*zip(*paired)) if paired and method != 'vanilla' else (None, None, None)
         bad = [r.status for r in runs if not r.status.startswith('ok')]
-        rows.append(OrderedDict(
+        return OrderedDict(
             method=method, pair=pair or f'alone -> {student}', teacher=pairs[pair][0] if pair else '',
             student=student, seeds=len(paired) if method != 'vanilla' else len(ok),
             top1_mean=_round(statistics.mean(ok)) if ok else None, gain_mean=_round(mean),
             gain_ci_low=_round(low), gain_ci_high=_round(high),
             ci_half_width=_round((high - low) / 2) if low is not None else None,
-            status=f'{len(bad)} of {len(runs)} runs not ok: {bad[0]}' if bad else 'ok'))
+            status=f'{len(bad)} of {len(runs)} runs not ok: {bad[0]}' if bad else note or 'ok')
+
+    for (method, pair, student), runs in groups.items():
+        rows.append(gain_row(method, pair, student, runs, groups[('vanilla', None, student)]))
+        if method == CACHED_KD and ('kd', pair, student) in groups:
+            # the cache against the live teacher, paired by seed: the same initialization and data stream
+            rows.append(gain_row(f'{CACHED_KD} vs kd', pair, student, runs, groups[('kd', pair, student)],
+                                 note='gain over kd from the live teacher, not over the student alone'))
     for method, pair, why in refused:
         rows.append(OrderedDict(method=method, pair=pair, teacher=pairs[pair][0] if pair in pairs else '',
                                 student=pairs[pair][1] if pair in pairs else '', seeds=0, top1_mean=None,
@@ -447,6 +492,10 @@ def results_markdown(rows, run_rows, args, pairs, seeds, epochs, jobs, threads, 
              f'{machine_description(torch.device("cpu"), threads=False)}, --device {args.device}.',
              f'Wall time {total / 60:.1f} min; the runs used {cpu_total / 60:.1f} CPU-minutes.',
              f'Command: {args.command_line}', '', '### Every run', '', curves]
+    if any(r['method'] == CACHED_KD for r in rows):
+        lines[3:3] = [f'{CACHED_KD}: kd trained from a teacher cache (cache_teacher.py, top-10 float16: docs/cache.md) '
+                      f'written once per pair and seed on that seed\'s data stream; {CACHED_KD} vs kd: its paired '
+                      f'difference to kd from the live teacher.']
     return '\n'.join(lines)
 
 

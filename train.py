@@ -6,7 +6,8 @@ names), any flag on the command line overrides them. One process runs on the CPU
 `torchrun --nproc_per_node=N train.py ...` runs DDP over N processes (nccl on GPUs, gloo on the CPU).
 
     python train.py -c configs/demo/teacher.yaml
-    torchrun --nproc_per_node=8 train.py /data/imagenet -c configs/imagenet/swin_tiny_resnet18_ufd.yaml
+    torchrun --nproc_per_node=8 train.py /data/imagenet \
+        -c configs/imagenet/swin_tiny_patch4_window7_224_resnet18_ufd.yaml --teacher-checkpoint swin_tiny.pth
 
 What a distiller is and how train.py uses it: distillers/base.py. The checkpoint format: models/checkpoint.py.
 """
@@ -34,14 +35,15 @@ import torch.nn as nn
 import yaml
 
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import is_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn, init_distributed_device
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
-from cli import IMAGE_RULES, ArgumentParser, Switch, UsageError, ascending_pair, check_values, number
+from cli import (IMAGE_RULES, ArgumentParser, Switch, UsageError, ascending_pair, check_values, exit_process, number,
+                 report_user_error)
 from data import DatasetError, create_datasets
-from data.errors import user_message
 from data.mixup import GlobalBatchMixup
 from data.teacher_cache import CachedTeacher, TeacherCache, dataset_identity, stream_identity
 from data.loader import (TwoViewTransform, build_eval_transform, build_strong_train_transform, build_train_transform,
@@ -240,7 +242,8 @@ group.add_argument('--mixup-prob', type=number(float, 0, 1), default=1.0,
                    help='probability of mixup or cutmix per batch')
 group.add_argument('--mixup-switch-prob', type=number(float, 0, 1), default=0.5,
                    help='probability of cutmix when both on')
-group.add_argument('--mixup-mode', type=str, default='batch', help='how to apply mixup/cutmix: batch, pair, elem')
+group.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
+                   help='how to apply mixup/cutmix: per batch, per pair or per element')
 group.add_argument('--mixup-off-epoch', default=0, type=number(int, 0), metavar='N',
                    help='turn mixup off after this epoch')
 group.add_argument('--smoothing', type=number(float, 0, 1, high_open=True), default=0.1,
@@ -646,7 +649,7 @@ def _decide_run_folder(args):
                                         (args.teacher or 'noteacher').replace('/', '_'), args.distiller])
     run_dir = os.path.join(output_base, name)
     if args.resume == 'auto':
-        resume_path, _ = find_resume_checkpoint(run_dir)
+        resume_path = find_resume_checkpoint(run_dir)
         if resume_path is None:
             _logger.info(f'--resume auto: no valid checkpoint in {run_dir}, starting a new run')
         return run_dir, resume_path or '', ''
@@ -671,10 +674,11 @@ def _not_a_run_checkpoint(path, ckpt):
 
 
 def find_resume_checkpoint(run_dir):
-    """Newest readable checkpoint of a run folder (by optimizer updates), skipping corrupt ones."""
+    """Path of the newest readable checkpoint of a run folder (by optimizer updates), skipping corrupt ones; None
+    when there is none."""
     folder = os.path.join(run_dir, 'checkpoint')
     if not os.path.isdir(folder):
-        return None, None
+        return None
     best = None
     for name in sorted(os.listdir(folder)):
         if not name.endswith('.pth.tar'):
@@ -689,8 +693,8 @@ def find_resume_checkpoint(run_dir):
             continue
         key = (ckpt.get('step', 0), ckpt.get('batch_idx', -1) < 0, name == 'last.pth.tar')
         if best is None or key > best[0]:
-            best = (key, path, ckpt)
-    return (best[1], best[2]) if best else (None, None)
+            best = (key, path)
+    return best[1] if best else None
 
 
 # ---------------------------------------------------------------------------------------------------- train / eval
@@ -868,15 +872,19 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
     step_flags = StepFlags(device)
     # without the NaN check a single process needs no flags (and no sync); ranks always agree on stopping
     use_flags = args.nan_check or args.distributed
+    cached_teacher = distiller.teacher if isinstance(distiller.teacher, CachedTeacher) else None
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (images, labels, *extras) in enumerate(loader, start=start_batch):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         # the loader adds the sample indices only for a distiller that declares needs_sample_indices
         batch_extras = {'sample_index': extras[0].to(device, non_blocking=True)} if extras else None
-        if isinstance(distiller.teacher, CachedTeacher):
-            distiller.teacher.load_batch(epoch, loader.sampler.batch_positions(batch_idx), device)
-        if mixup_fn is not None:
-            images, labels = mixup_fn(images, labels, loader.sampler.batch_positions(batch_idx), epoch)
+        if cached_teacher is not None or mixup_fn is not None:
+            # the batch's positions in the global sample order: what the cache is keyed by and mixup draws from
+            positions = loader.sampler.batch_positions(batch_idx)
+            if cached_teacher is not None:
+                cached_teacher.load_batch(epoch, positions, device)
+            if mixup_fn is not None:
+                images, labels = mixup_fn(images, labels, positions, epoch)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         update_step = (batch_idx + 1) % accum == 0 or batch_idx == last_idx
@@ -896,9 +904,9 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, args, device, lr
                 model_ema.update(distiller.student, step=state['num_updates'])
             lr_scheduler.step_update(num_updates=state['num_updates'])
         n = labels.shape[0]  # samples, also where a two-view batch holds 2n images
-        for name, value in losses.items():
-            sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float() * n
-        sums['loss'] = sums.get('loss', torch.zeros((), device=device)) + loss.detach().float() * n
+        for name, value in (*losses.items(), ('loss', loss)):
+            weighted = value.detach().float() * n
+            sums[name] = sums[name] + weighted if name in sums else weighted
         seen += n
         log_samples += n
         epoch_samples += n
@@ -1084,7 +1092,8 @@ def main(argv=None, new_folder=None):
 
     if args.data and not args.data_dir:
         args.data_dir = args.data
-    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pair each image with another: --batch-size must be even, not '
                          f'{args.batch_size}')
     if args.sync_bn and device.type != 'cuda':
@@ -1101,28 +1110,10 @@ def main(argv=None, new_folder=None):
     if refusal:
         raise UsageError(refusal)
     resume_ckpt = load_checkpoint_file(resume_path) if resume_path else None
-    # ------------------------------------------------------------------ student
-    student_kwargs = parse_kwargs(args.model_kwargs, '--model-kwargs')
-    if args.num_classes is None and (args.dataset or '').lower() == 'synthetic':
-        args.num_classes = args.synthetic_classes
-    pretrained_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
-    # the dataset decides the class count; it is resolved before the models are built
-    student_probe_args = dict(pretrained=args.pretrained, drop_rate=args.drop, **student_kwargs)
-    if args.drop_path is not None:
-        student_probe_args['drop_path_rate'] = args.drop_path
-    if args.drop_block is not None:
-        student_probe_args['drop_block_rate'] = args.drop_block
-    if args.gp:
-        student_probe_args['global_pool'] = args.gp
-    if args.in_chans:
-        student_probe_args['in_chans'] = args.in_chans
-    if pretrained_overlay:
-        student_probe_args['pretrained_cfg_overlay'] = pretrained_overlay
-
-    # data config from the student's pretrained config, overridden by flags
-    import timm
-    if not timm.is_model(args.model):
+    # ------------------------------------------------------------------ data (it decides the class count)
+    if not is_model(args.model):
         raise ModelError(f'unknown model {args.model!r}: not in the timm registry nor in models/')
+    # the student's pretrained config, overridden by the flags
     data_config = student_data_config(args)
     input_size = tuple(data_config['input_size'])
 
@@ -1139,10 +1130,23 @@ def main(argv=None, new_folder=None):
         raise UsageError(f'--num-classes {args.num_classes} differs from the {dataset_classes} classes of the '
                          f'dataset; drop --num-classes or fix it')
 
+    # ------------------------------------------------------------------ student
+    student_args = dict(pretrained=args.pretrained, drop_rate=args.drop,
+                        **parse_kwargs(args.model_kwargs, '--model-kwargs'))
+    if args.drop_path is not None:
+        student_args['drop_path_rate'] = args.drop_path
+    if args.drop_block is not None:
+        student_args['drop_block_rate'] = args.drop_block
+    if args.gp:
+        student_args['global_pool'] = args.gp
+    if args.in_chans:
+        student_args['in_chans'] = args.in_chans
+    if args.pretrained_path:
+        student_args['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
     try:
         student = create_model_at_size(args.model, input_size, num_classes=args.num_classes,
                                        weights_hint='pass --pretrained-path FILE, or drop --pretrained',
-                                       **student_probe_args)
+                                       **student_args)
     except TypeError as e:
         raise UsageError(f'student {args.model!r} does not take these arguments ({e}); check --model-kwargs, '
                          f'--drop-path, --drop-block and --gp') from None
@@ -1160,6 +1164,8 @@ def main(argv=None, new_folder=None):
         refusal = _teacher_cache_refusal(distiller_cls, args)
         if refusal:
             raise UsageError(refusal)
+        if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
+            raise UsageError(f'teacher checkpoint {args.teacher_checkpoint!r} does not exist')
         teacher_cache = TeacherCache.open(args.teacher_cache)
         teacher = CachedTeacher(teacher_cache)
         cached = teacher_cache.manifest['teacher']
@@ -1174,7 +1180,6 @@ def main(argv=None, new_folder=None):
     elif args.teacher and is_primary(args):
         _logger.info(f'distiller {args.distiller!r} uses no teacher; --teacher {args.teacher} is ignored')
 
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
     distiller = distiller_cls(student, teacher, create_train_loss(args, mixup_active), args, input_size)
     if distiller_cls.needs_sample_indices:  # per-sample state (e.g. memory banks) is sized before a resume loads it
         distiller.set_train_targets(dataset_targets(dataset_train))
@@ -1195,7 +1200,7 @@ def main(argv=None, new_folder=None):
     if args.distributed and args.sync_bn:
         distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
 
-    # ------------------------------------------------------------------ optimizer, amp, ema, schedule
+    # ------------------------------------------------------------------ optimizer, amp, ema
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     optimizer = create_optimizer(distiller, args)
 
@@ -1205,6 +1210,7 @@ def main(argv=None, new_folder=None):
     if args.model_ema:
         model_ema = ModelEmaV3(distiller.student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
+    # ------------------------------------------------------------------ loaders and schedule
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -1217,9 +1223,7 @@ def main(argv=None, new_folder=None):
         raise UsageError(str(e)) from None
     eval_transform = build_eval_transform(data_config)
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
-        if args.mixup_mode not in ('batch', 'pair', 'elem'):
-            raise UsageError(f'--mixup-mode {args.mixup_mode!r} is not a mixup mode; choose batch, pair or elem')
+    if mixup_active:
         mixup_fn = GlobalBatchMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                                     label_smoothing=args.smoothing, num_classes=args.num_classes, seed=data_seed,
@@ -1237,8 +1241,6 @@ def main(argv=None, new_folder=None):
     updates_per_epoch = (batches_per_epoch + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_schedule(optimizer, args, updates_per_epoch)
     if teacher_cache is not None:
-        if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
-            raise UsageError(f'teacher checkpoint {args.teacher_checkpoint!r} does not exist')
         teacher_cache.check_run(stream_identity(args, data_config, args.batch_size * args.world_size, data_seed),
                                 dataset_identity(dataset_args, dataset_train, args.num_classes), num_epochs,
                                 teacher_name=args.teacher,
@@ -1249,12 +1251,13 @@ def main(argv=None, new_folder=None):
     best_metric, best_epoch = None, None
     loss_sums, samples_seen = {}, 0
     if resume_ckpt is not None:
-        for key, mine in (('arch', args.model), ('distiller', args.distiller),
-                          ('teacher_name', (teacher_identity or {}).get('name', ''))):
-            theirs = resume_ckpt.get(key) if key != 'teacher_name' else (resume_ckpt.get('teacher') or {}).get('name', '')
+        saved_teacher = (resume_ckpt.get('teacher') or {}).get('name', '')
+        for what, theirs, mine in (('arch', resume_ckpt.get('arch'), args.model),
+                                   ('distiller', resume_ckpt.get('distiller'), args.distiller),
+                                   ('teacher', saved_teacher, (teacher_identity or {}).get('name', ''))):
             if theirs is not None and theirs != mine:
-                raise UsageError(f'resume checkpoint {resume_path!r} was written with {key.split("_")[0]} '
-                                 f'{theirs!r}, but this run uses {mine!r}')
+                raise UsageError(f'resume checkpoint {resume_path!r} was written with {what} {theirs!r}, but this run '
+                                 f'uses {mine!r}')
         student_state = resume_ckpt['state_dict']
         try:
             distiller.student.load_state_dict(student_state)
@@ -1377,6 +1380,7 @@ def main(argv=None, new_folder=None):
                                     args.checkpoint_hist)
     preemption = PreemptionFlag()
     state = {'num_updates': num_updates, 'batch_idx': start_batch, 'loss_sums': loss_sums, 'samples': samples_seen}
+    resolved_args = yaml.safe_load(args_text)  # the run's arguments as args.yaml has them, a plain dict
 
     def checkpoint_state(epoch, batch_idx, metric=None):
         rng = [rng_state()]
@@ -1397,7 +1401,7 @@ def main(argv=None, new_folder=None):
             'loss_sums': {k: v.detach().cpu() for k, v in state['loss_sums'].items()},
             'samples': state['samples'],
             'metric': metric, 'best_metric': best_metric, 'best_epoch': best_epoch,
-            'args': {k: v for k, v in yaml.safe_load(args_text).items()},
+            'args': resolved_args,
             'teacher': teacher_identity, 'rng': rng,
         }
 
@@ -1536,12 +1540,8 @@ def run():
         new_folder.remove_unless_checkpointed()
         if debug or not isinstance(e, (UsageError, DatasetError, DistillerError, CheckpointError, ModelError)):
             raise
-        print(f'train.py: error: {user_message(e)}', file=sys.stderr)
-        code = 2
-    if dist.is_available() and dist.is_initialized():
-        with suppress(Exception):
-            dist.destroy_process_group()
-    sys.exit(code)
+        code = report_user_error('train.py', e)
+    exit_process(code)
 
 
 if __name__ == '__main__':

@@ -27,9 +27,8 @@ from timm.data import resolve_data_config
 from timm.utils import accuracy
 
 import models  # noqa: F401  (registers the CIFAR models in timm)
-from cli import IMAGE_RULES, ArgumentParser, UsageError, check_values, number
+from cli import IMAGE_RULES, ArgumentParser, UsageError, check_values, number, report_user_error
 from data import DatasetError, create_eval_dataset
-from data.errors import user_message
 from data.loader import build_eval_transform, create_eval_loader
 from models.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights, select_state_dict
 from models.factory import ModelError, create_model_at_size
@@ -224,8 +223,7 @@ def run():
     except (UsageError, DatasetError, CheckpointError, ModelError) as e:
         if '--debug' in sys.argv:
             raise
-        print(f'validate.py: error: {user_message(e)}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_user_error('validate.py', e))
 
 
 if __name__ == '__main__':

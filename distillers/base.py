@@ -64,6 +64,15 @@ def broadcast_values(values, count: int, flag: str) -> list:
     return values
 
 
+def add_stage_arg(parser, flag: str, what: str, as_in: str = ''):
+    """Declare `flag`: the student stages (1-based) a method distils, None (every stage) unless given; `as_in`
+    names a reference whose default is the same."""
+    same_as = f', as {as_in}' if as_in else ''
+    parser.add_argument(flag, type=int, nargs='+', default=None, metavar='S',
+                        help=f'{what} (default: every stage of the student{same_as}: 1 2 3 4 on four-stage models, '
+                             f'1 2 3 on the CIFAR ResNets and WRNs)')
+
+
 class Distiller(nn.Module):
     name = ''
     needs_teacher = True
@@ -148,6 +157,17 @@ class Distiller(nn.Module):
                 getattr(self, f'{who}_adapter').check(request, who)
             except ValueError as e:
                 raise DistillerError(f'{self.name}: {e}') from None
+
+    def final_maps_on_one_grid(self, mismatch: str):
+        """The final-map descriptions of the student and the teacher, for a method that compares them position by
+        position. Where their grids differ, DistillerError with `mismatch` formatted with {name}, {size} (the
+        input size), {student} and {teacher} (the two grids)."""
+        student = self.student_adapter.description.final
+        teacher = self.teacher_adapter.description.final
+        if student.grid != teacher.grid:
+            raise DistillerError(mismatch.format(name=self.name, size=self.input_size, student=student.grid,
+                                                 teacher=teacher.grid))
+        return student, teacher
 
     def set_teacher_normalization(self, student_mean, student_std, teacher_mean, teacher_std):
         """Re-normalize the teacher's input when it was trained with another mean/std (as timm's task does)."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models.features import FeatureRequest
 
-from .base import Distiller, DistillerError, float32_loss
+from .base import Distiller, DistillerError, add_stage_arg, float32_loss
 from .kernels.squared_error import squared_error_sum
 
 
@@ -42,10 +42,7 @@ class FitNet(Distiller):
 
     @classmethod
     def add_args(cls, parser):
-        parser.add_argument('--fitnet-stage', type=int, nargs='+', default=None, metavar='S',
-                            help='stages (1-based, -1 = last) whose maps the student regresses (default: every '
-                                 'stage of the student: 1 2 3 4 on four-stage models, 1 2 3 on the CIFAR ResNets '
-                                 'and WRNs)')
+        add_stage_arg(parser, '--fitnet-stage', 'stages (1-based, -1 = last) whose maps the student regresses')
         parser.add_argument('--fitnet-loss-weight', type=float, default=1.0, metavar='W',
                             help='weight of the summed fitnet hint losses (default: 1)')
 

@@ -48,13 +48,9 @@ class MGD(Distiller):
         # the last-stage map before pooling (for a CNN, forward_features = its last stage)
         self.request = FeatureRequest(final=True)
         self.check_features(self.request)
-        student_map = self.student_adapter.description.final
-        teacher_map = self.teacher_adapter.description.final
-        if student_map.grid != teacher_map.grid:
-            raise DistillerError(
-                f'mgd compares the last-stage maps position by position, but at input size {self.input_size} the '
-                f'student map is {student_map.grid} and the teacher map {teacher_map.grid}; pick a pair with equal '
-                f'grids')
+        student_map, teacher_map = self.final_maps_on_one_grid(
+            '{name} compares the last-stage maps position by position, but at input size {size} the student map is '
+            '{student} and the teacher map {teacher}; pick a pair with equal grids')
         self.teacher_channels = teacher_map.channels
         if student_map.channels == teacher_map.channels:
             self.align = nn.Identity()

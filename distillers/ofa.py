@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block
 
 from models.features import FeatureRequest, to_map, to_tokens
 
-from .base import Distiller, DistillerError, float32_loss, hard_targets
+from .base import Distiller, DistillerError, add_stage_arg, float32_loss, hard_targets
 
 # OFAKD's token branches end on the 7x7 grid of a stride-32 network at 224 px
 TOKEN_BRANCH_REDUCTION = 32
@@ -186,10 +186,7 @@ class OFA(Distiller):
         parser.add_argument('--ofa-eps', type=float, nargs='+', default=[1.0], metavar='EPS',
                             help='target-enhancement exponent: one value for every term, or one per '
                                  '--ofa-stage followed by the one of the final logits (default: 1)')
-        parser.add_argument('--ofa-stage', type=int, nargs='+', default=None, metavar='S',
-                            help='student stages (1-based) that get a branch (default: every stage of the '
-                                 'student: 1 2 3 4 on four-stage models, as OFAKD; 1 2 3 on the CIFAR '
-                                 'ResNets and WRNs)')
+        add_stage_arg(parser, '--ofa-stage', 'student stages (1-based) that get a branch', as_in='OFAKD')
         parser.add_argument('--ofa-loss-weight', type=float, default=1.0, metavar='W',
                             help='weight on the sum of the branch losses (default: 1)')
         parser.add_argument('--ofa-temperature', type=float, default=1.0, metavar='T',

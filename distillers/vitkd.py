@@ -67,13 +67,9 @@ class ViTKD(Distiller):
         # block taps exist only on plain token models (ViT, DeiT, Mixer): the adapter refuses any other
         self.request = FeatureRequest(blocks=SHALLOW_BLOCKS, final=True)
         self.check_features(self.request)
-        student_tokens = self.student_adapter.description.final
-        teacher_tokens = self.teacher_adapter.description.final
-        if student_tokens.grid != teacher_tokens.grid:
-            raise DistillerError(
-                f'{self.name} compares patch tokens one to one, but at input size {self.input_size} the student has '
-                f'a {student_tokens.grid} patch grid and the teacher a {teacher_tokens.grid} one; use the same '
-                f'patch size')
+        student_tokens, teacher_tokens = self.final_maps_on_one_grid(
+            '{name} compares patch tokens one to one, but at input size {size} the student has a {student} patch '
+            'grid and the teacher a {teacher} one; use the same patch size')
         self.grid = teacher_tokens.grid
         d_s, d_t = student_tokens.channels, teacher_tokens.channels
         self.align_low = nn.ModuleList([_linear_or_identity(d_s, d_t) for _ in SHALLOW_BLOCKS])

@@ -1,6 +1,5 @@
 """Shared helpers for the end-to-end tests: run train.py / validate.py as a user would, on synthetic data."""
 import argparse
-import copy
 import csv
 import functools
 import logging
@@ -66,20 +65,22 @@ def read_summary(run_dir):
 
 
 @functools.lru_cache(maxsize=None)
-def _distiller_defaults():
+def _distiller_parser():
     from distillers import add_distiller_args
     parser = argparse.ArgumentParser()
     add_distiller_args(parser)  # every class's flags on one parser: no two declare the same flag
-    return parser.parse_args([])
+    # the flags of train.py that a distiller reads besides its own
+    parser.add_argument('--gt-loss-weight', type=float, default=None)
+    parser.add_argument('--kd-loss-weight', type=float, default=None)
+    parser.add_argument('--teacher-train-mode', action='store_true')
+    return parser
 
 
-def distiller_args(**overrides):
-    """The namespace a distiller is built from in unit tests: every distiller's flags at their defaults, the loss
-    weights left to the method (None), the teacher in eval mode; `overrides` set further attributes."""
-    args = copy.copy(_distiller_defaults())
-    args.gt_loss_weight = None
-    args.kd_loss_weight = None
-    args.teacher_train_mode = False
+def distiller_args(*argv, **overrides):
+    """The namespace a distiller is built from in unit tests: every distiller's flags from `argv` (command-line
+    words) or at their defaults, the loss weights left to the method (None) unless given, the teacher in eval mode
+    unless --teacher-train-mode; `overrides` set further attributes."""
+    args = _distiller_parser().parse_args([str(a) for a in argv])
     for key, value in overrides.items():
         setattr(args, key, value)
     return args

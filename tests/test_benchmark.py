@@ -1,6 +1,7 @@
 """benchmark.py: it times train.py's own step with train.py's flags, and the numbers it reports rest on the right
 measurements."""
 import json
+import math
 
 import pytest
 import torch
@@ -155,3 +156,28 @@ def test_train_bench_two_distillers(tmp_path):
     # vanilla has no teacher: its overhead is over the student step alone
     assert rows['vanilla']['teacher_fwd_ms'] == 0 and rows['vanilla']['teacher_calls'] == 0
     assert rows['vitkd']['status'].startswith('unsupported:')
+
+
+def test_cached_rows_time_kd_from_a_cache_and_the_cache_writer(monkeypatch):
+    loaded = []
+    real_load = benchmark.CachedTeacher.load_batch
+
+    def recording(self, epoch, positions, device):
+        loaded.append((epoch, positions.tolist()))
+        return real_load(self, epoch, positions, device)
+    monkeypatch.setattr(benchmark.CachedTeacher, 'load_batch', recording)
+    args, targs = benchmark.parse_args(TINY + ['--distiller', 'vanilla', '--no-peer', '--cached', '--cache-topk', '3',
+                                              '--num-bench-iter', '2'])
+    rows, _ = benchmark.bench_train(args, targs)
+    rows = {r['variant']: r for r in rows}
+    kd, writer, alone = rows['kd@cache'], rows['cache_writer'], rows['teacher:logits@inference_mode[alone]']
+    assert kd['kind'] == writer['kind'] == alone['kind'] == 'cached'
+    # every kd@cache step (1 warm-up, 2 timed) read the batch's records through train.py's per-step call
+    assert loaded == [(0, [0, 1, 2, 3])] * 3
+    assert kd['overhead'] == pytest.approx(kd['step_ms'] / rows['student']['step_ms'], abs=2e-3)
+    assert kd['overhead_paired_min'] <= kd['overhead_paired_median'] <= kd['overhead_paired_max']
+    assert writer['teacher_fwd_ms'] == alone['step_ms'] > 0
+    assert writer['writer_vs_teacher'] == pytest.approx(alone['step_ms'] / writer['step_ms'], abs=2e-3)
+    assert all(math.isfinite(v) and v > 0 for v in (kd['overhead'], writer['writer_vs_teacher']))
+    with pytest.raises(benchmark.UsageError, match='--cache-topk 11 is not between 1 and the 10 classes'):
+        benchmark.bench_train(*benchmark.parse_args(TINY + ['--no-peer', '--cached', '--cache-topk', '11']))

@@ -301,11 +301,24 @@ def conv(x, module, stride=1, padding=1):
     return F.conv2d(x, module.weight, module.bias, stride=stride, padding=padding)
 
 
+def random_bn_model(name):
+    """The model in eval mode with random BN statistics and affine terms, and a batch of two 32 px images."""
+    model = timm.create_model(name).eval()
+    randomize_bn(model)
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def assert_taps(model, x, indices, want):
+    """The model's intermediates at `indices` are the hand-computed maps `want`, one for one."""
+    inter = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    assert len(inter) == len(want)
+    for got, expected in zip(inter, want):
+        torch.testing.assert_close(got, expected)
+
+
 @torch.no_grad()
 def test_resnet_taps_are_post_relu_block_outputs():
-    model = timm.create_model('resnet8x4').eval()
-    randomize_bn(model)
-    x = torch.randn(2, 3, 32, 32)
+    model, x = random_bn_model('resnet8x4')
     stem = F.relu(eval_bn(conv(x, model.conv1), model.bn1))
     block = model.layer1[0]  # resnet8x4 has one block per stage; 32 -> 64 channels needs the 1x1 shortcut
     h = F.relu(eval_bn(conv(stem, block.conv1), block.bn1))
@@ -316,17 +329,12 @@ def test_resnet_taps_are_post_relu_block_outputs():
     h2 = F.relu(eval_bn(conv(want, block.conv1, stride=2), block.bn1))
     h2 = eval_bn(conv(h2, block.conv2), block.bn2)
     want2 = F.relu(h2 + eval_bn(conv(want, block.downsample[0], stride=2, padding=0), block.downsample[1]))
-    inter = model.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
-    torch.testing.assert_close(inter[0], stem)
-    torch.testing.assert_close(inter[1], want)
-    torch.testing.assert_close(inter[2], want2)
+    assert_taps(model, x, [0, 1, 2], [stem, want, want2])
 
 
 @torch.no_grad()
 def test_wrn_blocks_are_pre_activation_with_shortcut_on_the_activated_input():
-    model = timm.create_model('wrn_16_2').eval()
-    randomize_bn(model)
-    x = torch.randn(2, 3, 32, 32)
+    model, x = random_bn_model('wrn_16_2')
     stem = conv(x, model.conv1)
     first, second = model.block1.layer[0], model.block1.layer[1]  # 16 -> 32 channels, then 32 -> 32
     pre = F.relu(eval_bn(stem, first.bn1))
@@ -334,16 +342,12 @@ def test_wrn_blocks_are_pre_activation_with_shortcut_on_the_activated_input():
                                                                                       padding=0)
     pre2 = F.relu(eval_bn(y, second.bn1))
     want = conv(F.relu(eval_bn(conv(pre2, second.conv1), second.bn2)), second.conv2) + y
-    inter = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-    torch.testing.assert_close(inter[0], stem)
-    torch.testing.assert_close(inter[1], want)
+    assert_taps(model, x, [0, 1], [stem, want])
 
 
 @torch.no_grad()
 def test_vgg_groups_pool_between_and_tap_after_relu():
-    model = timm.create_model('vgg13_cifar').eval()
-    randomize_bn(model)
-    x = torch.randn(2, 3, 32, 32)
+    model, x = random_bn_model('vgg13_cifar')
     inter = model.forward_intermediates(x, intermediates_only=True)
     b = model.block1  # conv, BN, ReLU, conv, BN
     h = F.relu(eval_bn(conv(F.max_pool2d(inter[0], 2), b[0]), b[1]))

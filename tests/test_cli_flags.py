@@ -287,7 +287,7 @@ def test_ctrl_c_writes_a_recovery_checkpoint_and_exits_cleanly(tmp_path):
 def test_ddp_eval_metrics_are_those_of_the_saved_checkpoint(tmp_path):
     """Each process trains BatchNorm on its own batches; with --dist-bn reduce (the default) the evaluation that
     summary.csv records is the one validate.py gives on the checkpoint, for the student and its EMA."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29541',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29543',
            str(REPO / 'train.py'), *SYNTHETIC_ARGS, '--model', 'test_resnet', '--epochs', '1', '--batch-size', '8',
            '--synthetic-train-size', '64', '--synthetic-val-size', '48', '--warmup-epochs', '0', '--lr', '0.05',
            '--model-ema', '--model-ema-decay', '0.5', '--output', str(tmp_path), '--experiment', 'ddp']

@@ -1,7 +1,6 @@
 """FitNet, MGD, SRRL, ViTKD (+ NKD): hand-worked values of the pure losses, the properties of
 docs/methods/feature.md (M1-M5, S1-S5, V1-V6) and docs/methods/others.md §6, projector shapes over a matrix of
 student/teacher pairs at two input sizes, and one training epoch of each through train.py."""
-import argparse
 import copy
 import functools
 import math
@@ -13,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distillers import DISTILLERS, DistillerError, add_distiller_args
+from distillers import DISTILLERS, DistillerError
 from distillers.fitnet import fitnet_loss
 from distillers.kernels.squared_error import squared_error_sum
 from distillers.mgd import mgd_loss
@@ -22,7 +21,7 @@ from distillers.srrl import srrl_loss
 from distillers.vitkd import random_token_mask, vitkd_generation_loss, vitkd_mimic_loss
 from models.features import Features
 
-from .helpers import REPO, read_summary, run_train
+from .helpers import REPO, distiller_args, read_summary, run_train
 
 NUM_CLASSES = 10
 # a small DeiT III (the ViTKD teachers' family): 8 blocks so that the four stages are distinct blocks
@@ -74,23 +73,6 @@ REFUSALS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _default_args():
-    parser = argparse.ArgumentParser()
-    add_distiller_args(parser)
-    return parser.parse_args([])
-
-
-def make_args(**overrides):
-    args = copy.copy(_default_args())
-    args.gt_loss_weight = None
-    args.kd_loss_weight = None
-    args.teacher_train_mode = False
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
 def create(name, size, **kwargs):
     if name.startswith(TOKEN_MODELS):
         kwargs['img_size'] = size
@@ -107,7 +89,7 @@ def cached(name, size, role):
 
 
 def build(method, student, teacher, size, **overrides):
-    return DISTILLERS[method](student, teacher, nn.CrossEntropyLoss(), make_args(**overrides), (3, size, size))
+    return DISTILLERS[method](student, teacher, nn.CrossEntropyLoss(), distiller_args(**overrides), (3, size, size))
 
 
 def images(batch, size, seed=0):

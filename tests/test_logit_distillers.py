@@ -20,7 +20,7 @@ from distillers.uskd import (customized_target_weights, label_sets, non_target_m
                              uskd_loss, uskd_terms, zipf_rank_values)
 from distillers.wsld import wsld_loss, wsld_sample_weights
 
-from .helpers import read_summary, run_train
+from .helpers import distiller_args, read_summary, run_train
 
 # a small fixed problem: B = 3, K = 5
 ZS = [[1.0, 2.0, 0.5, -1.0, 0.0], [0.0, -0.5, 1.5, 0.3, 0.2], [-1.0, 0.4, 0.1, 2.2, -0.3]]
@@ -131,17 +131,6 @@ def random_logits(b=6, k=10, scale=3.0, seed=0):
     return zs, zt, y
 
 
-def make_args(cls, **overrides):
-    parser = argparse.ArgumentParser()
-    cls.add_args(parser)
-    args = parser.parse_args([])
-    args.gt_loss_weight = None
-    args.kd_loss_weight = None
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
 def tiny_pair(num_classes=10, seed=0):
     torch.manual_seed(seed)
     student = timm.create_model('test_resnet', num_classes=num_classes)
@@ -158,6 +147,13 @@ def soft_mixup_labels(y, k, lam=0.7, smoothing=0.0):
 def row_shift(z, seed=1):
     g = torch.Generator().manual_seed(seed)
     return z + torch.randn(z.shape[0], 1, generator=g) * 5.0
+
+
+def assert_row_shift_invariant(loss, teacher_seed):
+    """loss(zs, zt, y) is unchanged when every row of zs and of zt is shifted by its own constant."""
+    zs, zt, y = random_logits()
+    torch.testing.assert_close(loss(row_shift(zs), row_shift(zt, teacher_seed), y), loss(zs, zt, y),
+                               rtol=1e-5, atol=1e-6)
 
 
 # ================================================================== DKD (docs/methods/logit.md §2)
@@ -184,10 +180,7 @@ def test_dkd_d2_zero_at_equality():
 
 
 def test_dkd_d3_row_shift_invariance():
-    zs, zt, y = random_logits()
-    base = dkd_loss(zs, zt, y, 1.0, 2.0, 2.0)
-    torch.testing.assert_close(dkd_loss(row_shift(zs), row_shift(zt, 2), y, 1.0, 2.0, 2.0), base,
-                               rtol=1e-5, atol=1e-6)
+    assert_row_shift_invariant(lambda zs, zt, y: dkd_loss(zs, zt, y, 1.0, 2.0, 2.0), teacher_seed=2)
 
 
 def test_dkd_d4_terms_see_only_their_part():
@@ -212,7 +205,7 @@ def test_dkd_d4_terms_see_only_their_part():
 
 def test_dkd_d5_soft_labels_give_argmax_value():
     student, teacher = tiny_pair()
-    distiller = DKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(DKD), (3, 32, 32))
+    distiller = DKD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([1, 3, 5, 7])
     soft = soft_mixup_labels(y, 10, lam=0.7)
@@ -231,8 +224,8 @@ def test_dkd_d6_warmup():
     assert dkd_warmup_factor(0, 1) == 1.0  # mdistiller's ImageNet W = 1: no ramp in practice
     student, teacher = tiny_pair()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    ramped = DKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(DKD, dkd_warmup=20), (3, 32, 32))
-    flat = DKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(DKD), (3, 32, 32))
+    ramped = DKD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(dkd_warmup=20), (3, 32, 32))
+    flat = DKD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     _, ramp0 = ramped(x, y, epoch=0)
     _, ramp19 = ramped(x, y, epoch=19)
     _, full = flat(x, y, epoch=0)
@@ -251,11 +244,11 @@ def test_dkd_d7_finite_for_huge_gaps():
 
 
 def test_dkd_flags_follow_ofakd_defaults():
-    args = make_args(DKD)
+    args = distiller_args()
     assert (args.dkd_alpha, args.dkd_beta, args.dkd_temperature, args.dkd_warmup) == (1.0, 2.0, 1.0, 0)
     student, teacher = tiny_pair()
     with pytest.raises(DistillerError):
-        DKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(DKD, dkd_temperature=0.0), (3, 32, 32))
+        DKD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(dkd_temperature=0.0), (3, 32, 32))
 
 
 # ================================================================== WSLD (docs/methods/logit.md §3)
@@ -302,9 +295,7 @@ def test_wsld_w3_teacher_entropy_at_equality():
 
 
 def test_wsld_w4_row_shift_invariance():
-    zs, zt, y = random_logits()
-    torch.testing.assert_close(wsld_loss(row_shift(zs), row_shift(zt, 3), y, 4.0, 2.25),
-                               wsld_loss(zs, zt, y, 4.0, 2.25), rtol=1e-5, atol=1e-6)
+    assert_row_shift_invariant(lambda zs, zt, y: wsld_loss(zs, zt, y, 4.0, 2.25), teacher_seed=3)
 
 
 def test_wsld_w5_labels_only_through_weights_and_soft_equals_argmax():
@@ -316,7 +307,7 @@ def test_wsld_w5_labels_only_through_weights_and_soft_equals_argmax():
         torch.testing.assert_close(wsld_loss(zs, zt, target, 4.0, 1.0), expected)
     assert not torch.allclose(wsld_loss(zs, zt, y, 4.0, 1.0), wsld_loss(zs, zt, other, 4.0, 1.0))
     student, teacher = tiny_pair()
-    distiller = WSLD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(WSLD), (3, 32, 32))
+    distiller = WSLD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     x, yy = torch.randn(4, 3, 32, 32), torch.tensor([2, 4, 6, 8])
     torch.testing.assert_close(distiller(x, soft_mixup_labels(yy, 10))[1]['loss_wsld'],
                                distiller(x, yy)[1]['loss_wsld'])
@@ -352,7 +343,7 @@ def test_nkd_n3_value_at_equality():
 
 def test_nkd_n4_soft_labels_give_argmax_value():
     student, teacher = tiny_pair()
-    distiller = NKD(student, teacher, torch.nn.CrossEntropyLoss(), make_args(NKD), (3, 32, 32))
+    distiller = NKD(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([9, 0, 4, 4])
     _, hard = distiller(x, y)
     _, soft = distiller(x, soft_mixup_labels(y, 10, lam=0.6))
@@ -370,9 +361,7 @@ def test_nkd_n5_target_term_gradient():
 
 
 def test_nkd_n6_row_shift_invariance():
-    zs, zt, y = random_logits()
-    torch.testing.assert_close(nkd_loss(row_shift(zs), row_shift(zt, 4), y, 3.0, 3.5),
-                               nkd_loss(zs, zt, y, 3.0, 3.5), rtol=1e-5, atol=1e-6)
+    assert_row_shift_invariant(lambda zs, zt, y: nkd_loss(zs, zt, y, 3.0, 3.5), teacher_seed=4)
 
 
 # ================================================================== DIST (docs/methods/others.md §5)
@@ -561,16 +550,16 @@ def test_uskd_recovers_unsmoothed_mixture(smoothing):
 
 def test_uskd_taps_and_state():
     student = timm.create_model('test_resnet', num_classes=10)
-    distiller = USKD(student, None, torch.nn.CrossEntropyLoss(), make_args(USKD), (3, 32, 32))
+    distiller = USKD(student, None, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     assert distiller.mid_stage == 3 and distiller.weak_head.in_features == 192 and distiller.mid_norm is None
     assert 'zipf' not in distiller.state_dict() and 'zipf' in dict(distiller.named_buffers())
     assert set(distiller.distiller_state_dict()) == {'weak_head.weight', 'weak_head.bias'}
     vit = timm.create_model('test_vit', num_classes=10)  # 6 blocks: tap after block index 2
-    distiller = USKD(vit, None, torch.nn.CrossEntropyLoss(), make_args(USKD), (3, 32, 32))
+    distiller = USKD(vit, None, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     assert distiller.mid_block == 2 and distiller.weak_head.in_features == vit.embed_dim
     swin = timm.create_model('swin_tiny_patch4_window7_224', embed_dim=16, depths=(1, 1, 1, 1),
                              num_heads=(1, 1, 1, 1), img_size=64, window_size=2, num_classes=10)
-    distiller = USKD(swin, None, torch.nn.CrossEntropyLoss(), make_args(USKD), (3, 64, 64))
+    distiller = USKD(swin, None, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 64, 64))
     assert distiller.mid_stage == 3 and distiller.weak_head.in_features == 64
     assert distiller.mid_norm.normalized_shape == (64,)
     _, losses = distiller(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
@@ -578,13 +567,13 @@ def test_uskd_taps_and_state():
     assert distiller.mid_norm.weight.grad is not None and distiller.mid_norm.weight.grad.abs().sum() > 0
     with pytest.raises(DistillerError):
         USKD(timm.create_model('test_resnet', num_classes=2), None, torch.nn.CrossEntropyLoss(),
-             make_args(USKD), (3, 32, 32))
+             distiller_args(), (3, 32, 32))
 
 
 def test_uskd_distiller_uses_unsmoothed_mixup():
     torch.manual_seed(0)
     student = timm.create_model('test_resnet', num_classes=10)
-    distiller = USKD(student, None, torch.nn.CrossEntropyLoss(), make_args(USKD), (3, 32, 32))
+    distiller = USKD(student, None, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     distiller.eval()  # fixed BN statistics, so two forwards see the same logits
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 3, 5, 7])
     _, plain = distiller(x, soft_mixup_labels(y, 10, lam=0.7))
@@ -663,7 +652,7 @@ def test_distiller_step(cls):
     student, teacher = tiny_pair()
     if not cls.needs_teacher:
         teacher = None
-    distiller = cls(student, teacher, torch.nn.CrossEntropyLoss(), make_args(cls), (3, 32, 32))
+    distiller = cls(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
     assert distiller.gt_loss_weight == 1.0 and distiller.kd_loss_weight == 1.0
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -696,8 +685,8 @@ def test_kd_loss_weight_scales_only_the_distillation_terms(cls):
     student, teacher = tiny_pair()
     teacher = teacher if cls.needs_teacher else None
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
-    plain = cls(student, teacher, torch.nn.CrossEntropyLoss(), make_args(cls), (3, 32, 32)).eval()
-    double = cls(student, teacher, torch.nn.CrossEntropyLoss(), make_args(cls, kd_loss_weight=2.0,
+    plain = cls(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32)).eval()
+    double = cls(student, teacher, torch.nn.CrossEntropyLoss(), distiller_args(kd_loss_weight=2.0,
                                                                            gt_loss_weight=0.5), (3, 32, 32))
     if hasattr(plain, 'weak_head'):
         double.weak_head.load_state_dict(plain.weak_head.state_dict())

@@ -1,6 +1,5 @@
 """OFA (docs/methods/ofa.md): the loss against hand-worked numbers and its properties (§9), the branches on a matrix of
 students at two input sizes, the distiller's bookkeeping, and one CLI run on synthetic data."""
-import argparse
 import copy
 import csv
 import math
@@ -17,24 +16,14 @@ import models  # noqa: F401  (registers the CIFAR models)
 from distillers.base import DistillerError
 from distillers.ofa import OFA, PatchMerge, TokenBranch, halvings_to, merges_to, ofa_loss
 
+from .helpers import distiller_args
+
 torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- helpers
-def make_args(**overrides):
-    parser = argparse.ArgumentParser()
-    OFA.add_args(parser)
-    args = parser.parse_args([])
-    args.gt_loss_weight = None
-    args.kd_loss_weight = None
-    args.teacher_train_mode = False
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
-
-
 def build(student, teacher, size, **overrides):
-    return OFA(student, teacher, nn.CrossEntropyLoss(), make_args(**overrides), (3, size, size))
+    return OFA(student, teacher, nn.CrossEntropyLoss(), distiller_args(**overrides), (3, size, size))
 
 
 def create(name, size=None, **kwargs):

@@ -458,7 +458,7 @@ def _child_with_rank(parent_pid, rank):
 
 @pytest.mark.ddp
 def test_a_dead_rank_does_not_hang_the_others(tmp_path):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29535',
            str(REPO / 'train.py'), *SYNTHETIC_ARGS, '--model', 'test_vit', '--epochs', '50', '--batch-size', '4',
            '--no-aug', '--output', str(tmp_path), '--experiment', 'ddp']
     proc = subprocess.Popen(cmd, cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

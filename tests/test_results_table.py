@@ -67,14 +67,26 @@ def test_quick_table_is_paired_and_reuses_finished_runs(tmp_path, capsys):
         curve = [float(t) for t in r['top1_per_epoch'].split()]
         assert len(curve) == (1 if r['method'] == 'teacher' else 2) and curve[-1] == float(r['top1'])
 
-    # extend the table by one method (and one the pair does not admit): only the new method's runs train
-    assert results.main([*tiny, '--methods', 'kd', 'dkd', 'vitkd']) == 0
+    # extend the table by one method (and one the pair does not admit), and by kd from a teacher cache written
+    # once per seed: only the new runs train
+    assert results.main([*tiny, '--methods', 'kd', 'dkd', 'vitkd', 'kd@cache']) == 0
     runs = {(r['method'], r['seed']): r for r in read_csv(tmp_path / 'runs.csv')}
     for key, run in first.items():
         assert runs[key]['status'] == 'ok (reused)' and runs[key]['run_dir'] == run['run_dir']
     assert runs[('dkd', '0')]['status'] == runs[('dkd', '1')]['status'] == 'ok'
+    # each seed's cache is of that seed's data stream: train.py refuses (exit 2) a cache of another data seed
+    for seed in '01':
+        assert runs[('cache', seed)]['status'] == runs[('kd@cache', seed)]['status'] == 'ok'
+        cache = runs[('cache', seed)]['run_dir']
+        with open(f'{cache}/manifest.json') as f:
+            assert json.load(f)['stream']['data_seed'] == int(seed)
+        with open(runs[('kd@cache', seed)]['run_dir'] + '/args.yaml') as f:
+            assert f'teacher_cache: {cache}' in f.read()
     rows = {r['method']: r for r in read_csv(tmp_path / 'results.csv')}
-    assert set(rows) == {'teacher', 'vanilla', 'kd', 'dkd', 'vitkd'}
+    assert set(rows) == {'teacher', 'vanilla', 'kd', 'dkd', 'vitkd', 'kd@cache', 'kd@cache vs kd'}
+    versus = [float(runs[('kd@cache', s)]['top1']) - float(runs[('kd', s)]['top1']) for s in '01']
+    assert float(rows['kd@cache vs kd']['gain_mean']) == pytest.approx(sum(versus) / 2, abs=0.006)
+    assert rows['kd@cache vs kd']['status'].startswith('gain over kd from the live teacher')
     assert list(rows['kd']) == ['method', 'pair', 'teacher', 'student', 'seeds', 'top1_mean', 'gain_mean',
                                 'gain_ci_low', 'gain_ci_high', 'ci_half_width', 'status']
     assert rows['vitkd']['status'].startswith('not admitted: vitkd:') and rows['vitkd']['seeds'] == '0'
@@ -92,7 +104,7 @@ def test_quick_table_is_paired_and_reuses_finished_runs(tmp_path, capsys):
         assert float(row['gain_ci_low']) == pytest.approx(mean - half, abs=0.006)
         assert float(row['gain_ci_high']) == pytest.approx(mean + half, abs=0.006)
     with open(tmp_path / 'results.json') as f:
-        assert len(json.load(f)) == 5
+        assert len(json.load(f)) == 7
     assert (tmp_path / 'gains.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     text = (tmp_path / 'results.md').read_text()
     assert '95% CI of the gain' in text and 'top-1 per epoch' in text

@@ -1,6 +1,5 @@
 """ScaleKD (docs/methods/scalekd.md): the two feature views, the projector chain through the frozen teacher's last stage
 (TPP), gradient routing, the frozen teacher, and the properties of §9."""
-import argparse
 import math
 
 import pytest
@@ -11,12 +10,11 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 from distillers.base import DistillerError
-from distillers.kd import KD
 from distillers.scalekd import ScaleKD, TeacherLastStage, dfm_frequency_loss, dfm_spatial_loss
 from distillers.cap import CrossAttentionProjector
 from distillers.ufd import spatial_decoupled_loss
 from models.features import FeatureAdapter, FeatureRequest
-from tests.helpers import read_summary, run_train
+from tests.helpers import distiller_args, read_summary, run_train
 from tests.test_ufd import DCTOracle, cap_parameter_formula, logit_term, n_params
 
 torch.set_num_threads(1)
@@ -37,20 +35,10 @@ def model(name, **kwargs):
     return timm.create_model(name, num_classes=10, **kwargs)
 
 
-def scalekd_args(*argv):
-    parser = argparse.ArgumentParser()
-    KD.add_args(parser)
-    ScaleKD.add_args(parser)
-    parser.add_argument('--gt-loss-weight', type=float, default=None)
-    parser.add_argument('--kd-loss-weight', type=float, default=None)
-    parser.add_argument('--teacher-train-mode', action='store_true')
-    return parser.parse_args(list(argv))
-
-
 def build(student='test_resnet', teacher='swin', *argv, input_size=INPUT, teacher_kwargs=None):
     torch.manual_seed(0)
     return ScaleKD(model(student), model(teacher, **(teacher_kwargs or {})), nn.CrossEntropyLoss(),
-                   scalekd_args(*argv), input_size)
+                   distiller_args(*argv), input_size)
 
 
 def batch(input_size=INPUT, b=4):

@@ -1,6 +1,5 @@
 """The teacher knowledge cache (cache_teacher.py, data/teacher_cache.py, train.py --teacher-cache) and the
 process-independent mixup it relies on (data/mixup.py)."""
-import logging
 import shutil
 import subprocess
 import sys
@@ -10,14 +9,13 @@ import timm
 import torch
 
 import models  # noqa: F401
-import train
 from cli import UsageError
 from data import DatasetError
 from data.loader import EpochSampler
 from data.mixup import GlobalBatchMixup
 from data.teacher_cache import TeacherCache, topk_to_log_probs
 from distillers.kd import kd_loss
-from tests.helpers import REPO, python_env, run_script, run_train
+from tests.helpers import REPO, python_env, run_script, run_train, train_in_process
 from tests.test_training import step_losses
 
 # 64 samples in 4 global batches of 16 per epoch; K = the 10 classes in float32 makes the cache exact; mixup and
@@ -143,16 +141,6 @@ def test_two_processes_write_and_read_the_cache_of_one(cache):
             assert mine[tag][step] == pytest.approx(value, rel=1e-4), (tag, step)
 
 
-def train_main(argv):
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        return train.main([str(a) for a in argv])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
 def _broken(folder, tmp_path, how):
     copy = tmp_path / 'broken'
     shutil.copytree(folder, copy)
@@ -195,7 +183,7 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_before_anything_is_written
     argv = [*STREAM, *STUDENT, '--batch-size', '16', '--teacher-cache', folder, *extra, '--output', tmp_path / 'out',
             '--experiment', 'run']
     with pytest.raises((UsageError, DatasetError), match=message):
-        train_main(argv)
+        train_in_process(argv)
     assert not (tmp_path / 'out').exists()
 
 

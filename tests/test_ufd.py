@@ -1,6 +1,5 @@
 """UFD (docs/methods/ufd.md): the closed-form losses against a DCT oracle, their properties (§9), the cross-attention projector
 (§3) and the distiller's wiring, gradients and frozen teacher."""
-import argparse
 import math
 
 import pytest
@@ -10,12 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillers.base import DistillerError
-from distillers.kd import KD
 from distillers.cap import CrossAttentionProjector, default_num_heads
 from distillers.final_map import head_norm_on_map
 from distillers.frequency import decoupled_squared_errors, normalized_squared_error
 from distillers.ufd import UFD, channel_decoupled_loss, spatial_decoupled_loss
-from tests.helpers import read_summary, run_train
+from tests.helpers import distiller_args, read_summary, run_train
 
 torch.set_num_threads(1)
 
@@ -366,22 +364,12 @@ def test_default_heads_rule():
 
 
 # ---------------------------------------------------------------------------------------------- distiller
-def ufd_args(*argv):
-    parser = argparse.ArgumentParser()
-    KD.add_args(parser)
-    UFD.add_args(parser)
-    parser.add_argument('--gt-loss-weight', type=float, default=None)
-    parser.add_argument('--kd-loss-weight', type=float, default=None)
-    parser.add_argument('--teacher-train-mode', action='store_true')
-    return parser.parse_args(list(argv))
-
-
 def build(student='test_resnet', teacher='test_convnext', *argv, input_size=(3, 64, 64), teacher_kwargs=None,
           student_kwargs=None):
     torch.manual_seed(0)
     s = timm.create_model(student, num_classes=10, **(student_kwargs or {}))
     t = timm.create_model(teacher, num_classes=10, **(teacher_kwargs or {}))
-    return UFD(s, t, nn.CrossEntropyLoss(), ufd_args(*argv), input_size)
+    return UFD(s, t, nn.CrossEntropyLoss(), distiller_args(*argv), input_size)
 
 
 def batch(input_size=(3, 64, 64), b=4):
@@ -522,7 +510,7 @@ def test_pairs_that_cannot_work_are_refused():
         build('test_resnet', 'test_convnext', '--ufd-heads', '5')
     with pytest.raises(DistillerError, match='final feature map'):
         UFD(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), timm.create_model('test_resnet'),
-            nn.CrossEntropyLoss(), ufd_args(), (3, 32, 32))
+            nn.CrossEntropyLoss(), distiller_args(), (3, 32, 32))
 
 
 def test_cap_pos_embed_decay_follows_the_student():
