@@ -84,8 +84,7 @@ def build_parser():
     parser.add_argument('--rounds', type=int, default=None, metavar='N',
                         help='round-robin rounds over the variants, the median over rounds is reported (default: '
                              '--num-bench-iter, one step per variant per round: the finest interleaving)')
-    parser.add_argument('--no-peer', action='store_true', default=False,
-                        help='do not time timm\'s LogitDistillationTask')
+    parser.add_argument('--no-peer', action='store_true', help='do not time timm\'s LogitDistillationTask')
     parser.add_argument('--cached', action='store_true', default=False,
                         help='add the cached rows: kd from a teacher cache, and the cache writer (docs/cache.md)')
     parser.add_argument('--cache-topk', type=int, default=10, metavar='K', help='K of the cached rows (default: 10)')
@@ -111,8 +110,7 @@ def parse_args(argv):
         raise UsageError(f'--batch-size must be at least 1, not {targs.batch_size}')
     # one process: train_step reads these, train.py sets them from the launcher
     targs.distributed, targs.world_size, targs.rank = False, 1, 0
-    if targs.data and not targs.data_dir:
-        targs.data_dir = targs.data
+    targs.data_dir = targs.data_dir or targs.data
     return args, targs
 
 
@@ -141,11 +139,8 @@ def synchronize(device):
 
 def machine_description(device, threads=True):
     cpu = platform.processor() or 'unknown CPU'
-    with contextlib.suppress(OSError):
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        if names:
-            cpu = names[0]
+    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
+        cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
     text = f'{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}'
     if threads:
         text += f', {torch.get_num_threads()} threads'
@@ -159,15 +154,13 @@ def machine_description(device, threads=True):
 def write_rows(rows, path, fmt=''):
     fmt = fmt or ('json' if str(path).lower().endswith('.json') else 'csv')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if fmt == 'json':
-        with open(path, 'w') as f:
+    with open(path, 'w', newline=None if fmt == 'json' else '') as f:
+        if fmt == 'json':
             json.dump(rows, f, indent=2)
-        return
-    fields = list(OrderedDict((k, None) for row in rows for k in row))
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+        else:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            w.writeheader()
+            w.writerows(rows)
 
 
 def fmt_num(value, spec='.2f', missing='-'):
@@ -194,12 +187,10 @@ class PeakMemory:
         self.device = device
         self.available = device.type == 'cuda'
         if device.type == 'cpu' and sys.platform.startswith('linux'):
-            try:
+            with contextlib.suppress(OSError):
                 self._reset_cpu()
                 self._status('VmHWM:')
                 self.available = True
-            except OSError:
-                self.available = False
 
     @staticmethod
     def _status(key):
@@ -269,9 +260,7 @@ class Variant:
 
     def __init__(self, name, kind, step, distiller=None):
         self.name, self.kind, self.step, self.distiller = name, kind, step, distiller
-        self.round_ms = []
-        self.peak_bytes = None
-        self.host_syncs = None
+        self.round_ms, self.peak_bytes, self.host_syncs = [], None, None
 
 
 def train_step_fn(model, module, batch, targs, device):
@@ -333,13 +322,13 @@ def capture_teacher_requests(distiller, batch, amp_autocast):
     return requests
 
 
-def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=None):
-    """The teacher forward(s) of one distill step, as the distiller runs them (`inference_mode=None`), or with
-    its grad mode switched to torch.inference_mode (True) or torch.no_grad (False) for the comparison."""
+def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode):
+    """The teacher forward(s) of one distill step, as the distiller runs them, under torch.inference_mode (True) or
+    torch.no_grad (False)."""
     own_mode = distiller.teacher_inference_mode
 
     def step():
-        distiller.teacher_inference_mode = own_mode if inference_mode is None else inference_mode
+        distiller.teacher_inference_mode = inference_mode
         try:
             with amp_autocast():
                 # returned, so that a compiled version cannot drop the work as dead code
@@ -349,16 +338,13 @@ def teacher_step_fn(distiller, requests, amp_autocast, images, inference_mode=No
     return step
 
 
-def describe_request(request):
-    """'logits', or what else a FeatureRequest asks for (stages, blocks, final map, ...)."""
-    if request is None:
-        return 'logits'
-    parts = []
-    for field in dataclasses.fields(request):
-        value = getattr(request, field.name)
-        if value not in ((), False, None):
-            parts.append(field.name if value is True else f'{field.name}={"/".join(map(str, value))}')
-    return 'logits+' + ','.join(parts) if parts else 'logits'
+def describe_requests(requests):
+    """Per FeatureRequest, '; '-joined: 'logits', or what else it asks for (stages, blocks, final map, ...)."""
+    def describe(request):
+        fields = dataclasses.asdict(request).items() if request is not None else ()
+        parts = [k if v is True else f'{k}={"/".join(map(str, v))}' for k, v in fields if v not in ((), False, None)]
+        return 'logits+' + ','.join(parts) if parts else 'logits'
+    return '; '.join(map(describe, requests))
 
 
 def load_batch(targs, input_size, data_config, num_classes):
@@ -426,7 +412,6 @@ def time_round_robin(variants, warm, iters, rounds, device):
 def bench_train(args, targs):
     device = resolve_device(targs.device)
     torch.backends.cudnn.benchmark = not targs.deterministic  # as train.py
-    names = args.distiller
     data_config = student_data_config(targs)
     input_size = tuple(data_config['input_size'])
     synthetic = (targs.dataset or '').lower() == 'synthetic'
@@ -438,14 +423,19 @@ def bench_train(args, targs):
     torch.manual_seed(targs.seed)
     student = create_model_at_size(targs.model, input_size, num_classes=num_classes,
                                    **train.parse_kwargs(targs.model_kwargs, '--model-kwargs'))
+
+    def prepare(module, training=True):
+        module.to(device)
+        if targs.channels_last:
+            module.to(memory_format=torch.channels_last)
+        return module.train(training)
+
     teacher = teacher_norm = None
-    if args.cached or any(DISTILLERS[n].needs_teacher for n in names):
+    if args.cached or any(DISTILLERS[n].needs_teacher for n in args.distiller):
         targs.teacher = targs.teacher or DEFAULT_TEACHER
         teacher, _, teacher_norm = train.build_teacher(targs, num_classes, input_size, data_config['mean'],
                                                        data_config['std'])
-        teacher.to(device).eval()
-        if targs.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+        prepare(teacher, training=False)
 
     images, labels = load_batch(targs, input_size, data_config, num_classes)
     images, labels = images.to(device), labels.to(device)
@@ -453,26 +443,19 @@ def bench_train(args, targs):
         images = images.contiguous(memory_format=torch.channels_last)
     criterion = train.create_train_loss(targs, mixup_active=False)
 
-    def prepare(module):
-        module.to(device)
-        if targs.channels_last:
-            module.to(memory_format=torch.channels_last)
-        return module.train()
-
     def compiled(module):  # as train.py: the whole distiller (teacher forward included) is compiled
         return torch.compile(module, backend=targs.torchcompile) if targs.torchcompile else module
 
     def timed_step(module, batch):
         return train_step_fn(compiled(module), module, batch, targs, device)
 
-    variants, rows_info = [], OrderedDict()
     baseline = prepare(Vanilla(copy.deepcopy(student), None, criterion, targs, input_size))
     student_variant = Variant('student', 'student', timed_step(baseline, (images, labels, {})), baseline)
-    variants.append(student_variant)
+    variants, rows_info = [student_variant], OrderedDict()
 
     # (requests, grad mode, images) -> (the teacher forward as the distiller runs it, under the other grad mode)
     teacher_variants = {}
-    for name in names:
+    for name in args.distiller:
         cls = DISTILLERS[name]
         info = rows_info[name] = {'status': 'ok', 'requests': (), 'variant': None}
         try:
@@ -484,31 +467,23 @@ def bench_train(args, targs):
             prepare(distiller)
             requests = tuple(capture_teacher_requests(distiller, batch, amp_autocast)) \
                 if cls.needs_teacher else ()
-        except NotImplementedError:
-            info['status'] = 'not implemented'
+        except (NotImplementedError, DistillerError) as e:
+            info['status'] = f'unsupported: {e}' if isinstance(e, DistillerError) else 'not implemented'
             continue
-        except DistillerError as e:
-            info['status'] = f'unsupported: {e}'
-            continue
-        info['requests'] = requests
-        info['variant'] = Variant(name, 'distill', timed_step(distiller, batch), distiller)
-        info['batch'] = batch
+        info.update(requests=requests, batch=batch,
+                    variant=Variant(name, 'distill', timed_step(distiller, batch), distiller))
         variants.append(info['variant'])
         requests_key = info['requests_key'] = (requests, distiller.teacher_inference_mode, len(batch[0]))
         if requests and requests_key not in teacher_variants:
-            mode = 'inference_mode' if distiller.teacher_inference_mode else 'no_grad'
             views = len(batch[0]) // len(images)
-            key = f'teacher:{"; ".join(describe_request(r) for r in requests)}'
-            key += f'[{views} views]' if views > 1 else ''
-            forward = teacher_step_fn(distiller, requests, amp_autocast, batch[0])
-            pair = [Variant(f'{key}@{mode}', 'teacher', compiled(forward) if targs.torchcompile else forward,
-                            distiller)]
-            if not targs.torchcompile:  # the fast-path question: what does inference_mode save over no_grad?
-                other = not distiller.teacher_inference_mode
-                pair.append(Variant(key + ('@inference_mode' if other else '@no_grad'), 'teacher',
-                                    teacher_step_fn(distiller, requests, amp_autocast, batch[0], inference_mode=other),
-                                    distiller))
-            teacher_variants[requests_key] = pair
+            key = f'teacher:{describe_requests(requests)}' + (f'[{views} views]' if views > 1 else '')
+            # the distiller's own grad mode, then (uncompiled) the fast-path question: what does inference_mode
+            # save over no_grad?
+            own = distiller.teacher_inference_mode
+            pair = teacher_variants[requests_key] = [
+                Variant(f'{key}@{"inference_mode" if mode else "no_grad"}', 'teacher',
+                        compiled(teacher_step_fn(distiller, requests, amp_autocast, batch[0], mode)), distiller)
+                for mode in ((own,) if targs.torchcompile else (own, not own))]
             variants.extend(pair)
 
     peer = None
@@ -580,7 +555,7 @@ def result_rows(student_variant, teacher_variants, peer, rows_info, flops, commo
     def median(v):
         return statistics.median(v.round_ms)
 
-    def round_ms(value):
+    def round3(value):
         return round(value, 3) if value is not None else None
 
     def gflops(value):
@@ -600,7 +575,7 @@ def result_rows(student_variant, teacher_variants, peer, rows_info, flops, commo
     rows = [base_row(student_variant, student_gflops_per_img=gflops(flops.get('student')), status='ok')]
     for key, pair in teacher_variants.items():
         rows += [base_row(v, teacher_gflops_per_img=gflops(flops.get(key)), status='ok',
-                          teacher_request='; '.join(describe_request(r) for r in key[0])) for v in pair]
+                          teacher_request=describe_requests(key[0])) for v in pair]
     if peer is not None:
         rows.append(base_row(peer, vs_timm=1.0, status='ok'))
     if cached:
@@ -624,9 +599,8 @@ def result_rows(student_variant, teacher_variants, peer, rows_info, flops, commo
         # the teacher forward under the grad mode the distiller does not use (none when compiled or teacherless)
         other_mode_ms = median(other_teacher[0]) if other_teacher else None
         in_inference_mode = v.distiller.teacher_inference_mode
-        student_g = flops.get('student')
+        student_g, total_g = flops.get('student'), flops.get(name)
         teacher_g = (flops.get(info['requests_key']) if info['requests'] else 0) if flops else None
-        total_g = flops.get(name)
         own_g = net = None
         if None not in (student_g, teacher_g, total_g):
             own_g = max(total_g - student_g - teacher_g, 0)
@@ -641,19 +615,19 @@ def result_rows(student_variant, teacher_variants, peer, rows_info, flops, commo
         rows.append(base_row(
             v, student_step_ms=round(student_ms, 3), teacher_fwd_ms=round(teacher_ms, 3),
             teacher_grad_mode=('inference_mode' if in_inference_mode else 'no_grad') if own_mode_ms else None,
-            teacher_fwd_no_grad_ms=round_ms(other_mode_ms if in_inference_mode else own_mode_ms),
-            teacher_fwd_inference_mode_ms=round_ms(own_mode_ms if in_inference_mode else other_mode_ms),
+            teacher_fwd_no_grad_ms=round3(other_mode_ms if in_inference_mode else own_mode_ms),
+            teacher_fwd_inference_mode_ms=round3(own_mode_ms if in_inference_mode else other_mode_ms),
             overhead=round(median(v) / (student_ms + teacher_ms), 3),
             overhead_paired_median=round(statistics.median(paired), 3),
             overhead_paired_min=round(min(paired), 3), overhead_paired_max=round(max(paired), 3),
-            overhead_net=round(net, 3) if net is not None else None,
+            overhead_net=round3(net),
             vs_timm=round(median(v) / peer_ms, 3) if is_kd else None,
             vs_timm_paired_median=round(statistics.median(
                 d / p for d, p in zip(v.round_ms, peer.round_ms)), 3) if is_kd else None,
             extra_params_m=round(v.distiller.extra_parameters() / 1e6, 4),
             student_gflops_per_img=gflops(student_g), teacher_gflops_per_img=gflops(teacher_g),
             distiller_gflops_per_img=gflops(own_g), teacher_calls=len(info['requests']),
-            teacher_request='; '.join(describe_request(r) for r in info['requests']), status='ok'))
+            teacher_request=describe_requests(info['requests']), status='ok'))
     return rows
 
 
