@@ -106,8 +106,6 @@ def parse_args(argv):
         raise UsageError('--rounds and --num-bench-iter must be at least 1, --num-warm-iter at least 0')
     args.distiller = resolve_distiller_names(args.distiller)
     targs, _ = train.parse_args(rest)
-    if targs.batch_size < 1:
-        raise UsageError(f'--batch-size must be at least 1, not {targs.batch_size}')
     # one process: train_step reads these, train.py sets them from the launcher
     targs.distributed, targs.world_size, targs.rank = False, 1, 0
     targs.data_dir = targs.data_dir or targs.data

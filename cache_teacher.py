@@ -25,7 +25,7 @@ import train
 from cli import UsageError, exit_process, number, report_user_error
 from data import DatasetError, create_datasets
 from data.loader import build_train_transform, create_train_loader, student_data_config
-from data.mixup import GlobalBatchMixup
+from data.mixup import GlobalBatchMixup, mixup_requested
 from data.teacher_cache import (CACHE_FORMAT, CACHE_VERSION, CacheWriter, TeacherCacheError,
                                 dataset_identity, read_manifest, record_dtype, remove_cache, same_cache,
                                 stream_identity, write_manifest)
@@ -86,7 +86,7 @@ def main(argv=None):
     if get_distiller_class(args.distiller).two_view:
         raise UsageError(f'distiller {args.distiller!r} trains on two views of each image, which a teacher cache '
                          f'does not store; cache the recipe with a one-view logit method, e.g. --distiller kd')
-    mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_on = mixup_requested(args)
     if mixup_on and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pair each image with another: --batch-size must be even, not '
                          f'{args.batch_size}')

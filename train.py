@@ -44,7 +44,7 @@ import models  # noqa: F401  (registers the CIFAR models in timm)
 from cli import (IMAGE_RULES, ArgumentParser, Switch, UsageError, ascending_pair, check_values, exit_process, number,
                  report_user_error)
 from data import DatasetError, create_datasets
-from data.mixup import GlobalBatchMixup
+from data.mixup import GlobalBatchMixup, mixup_requested
 from data.teacher_cache import CachedTeacher, TeacherCache, dataset_identity, stream_identity
 from data.loader import (TwoViewTransform, build_eval_transform, build_strong_train_transform, build_train_transform,
                          create_eval_loader, create_train_loader, dataset_targets, student_data_config)
@@ -1092,7 +1092,7 @@ def main(argv=None, new_folder=None):
 
     if args.data and not args.data_dir:
         args.data_dir = args.data
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_active = mixup_requested(args)
     if mixup_active and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix pair each image with another: --batch-size must be even, not '
                          f'{args.batch_size}')

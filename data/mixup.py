@@ -15,6 +15,12 @@ import numpy as np
 import torch
 
 
+def mixup_requested(args) -> bool:
+    """Whether the flags turn mixup or cutmix on (timm's rule; a namespace without them means off)."""
+    return (getattr(args, 'mixup', 0) > 0 or getattr(args, 'cutmix', 0) > 0
+            or getattr(args, 'cutmix_minmax', None) is not None)
+
+
 def smoothed_one_hot(target: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
     out = torch.full((target.shape[0], num_classes), off, device=target.device, dtype=torch.float32)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.mixup import mixup_requested
 from models.features import FeatureRequest
 
 from .base import Distiller, DistillerError, float32_loss
@@ -113,8 +114,7 @@ class CRD(Distiller):
             raise DistillerError(f'--crd-momentum must be in [0, 1), got {self.momentum}')
         if self.temperature <= 0:
             raise DistillerError(f'--crd-temperature must be positive, got {self.temperature}')
-        if getattr(args, 'mixup', 0) > 0 or getattr(args, 'cutmix', 0) > 0 or \
-                getattr(args, 'cutmix_minmax', None) is not None:
+        if mixup_requested(args):
             _logger.warning('WARNING: crd with mixup/cutmix: a mixed image is contrasted as its first sample '
                             '(the positive index no longer describes it), as in OFAKD')
         if (getattr(args, 'aug_repeats', 0) or 0) > 1:

@@ -15,6 +15,8 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from data.mixup import mixup_requested
+
 from .base import Distiller, DistillerError, float32_loss
 from .kd import kd_loss
 from .logit_standardization import add_logit_standardize_arg, standardize_logits
@@ -123,8 +125,7 @@ class MLKD(Distiller):
         if not 0 <= self.strong_count <= len(self.temperatures):
             raise DistillerError(f'--mlkd-strong-count must be between 0 and the {len(self.temperatures)} '
                                  f'temperatures, got {self.strong_count}')
-        if getattr(args, 'mixup', 0) > 0 or getattr(args, 'cutmix', 0) > 0 or \
-                getattr(args, 'cutmix_minmax', None) is not None:
+        if mixup_requested(args):
             raise DistillerError('mlkd trains on a weak and a strong view of each image, which one mixup/cutmix '
                                  'cannot mix alike; set --mixup 0 --cutmix 0')
 

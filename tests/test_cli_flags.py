@@ -2,7 +2,6 @@
 Ctrl-C, --dist-bn under DDP, and the timm flags --layer-decay, --aug-repeats, --bn-momentum/--bn-eps,
 --drop-block and --lr-cycle-*."""
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import validate
 from cli import Switch, UsageError
 from data.loader import EpochSampler
 from distillers import DISTILLERS
-from tests.helpers import REPO, SYNTHETIC_ARGS, python_env, read_summary
+from tests.helpers import REPO, SYNTHETIC_ARGS, python_env, read_summary, train_in_process
 
 TINY = [*SYNTHETIC_ARGS, '--synthetic-train-size', '32', '--synthetic-val-size', '16', '--batch-size', '8',
         '--epochs', '1', '--no-aug', '--log-interval', '50']
@@ -32,17 +31,6 @@ def parse(*argv, config=None, tmp_path=None):
         path.write_text(yaml.safe_dump(config))
         argv = ('-c', str(path), *argv)
     return train.parse_args(list(argv))[0]
-
-
-def train_main(argv, monkeypatch):
-    """train.main in this process (the root logger's handlers are put back); returns its exit code."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        return train.main(argv)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ switches
@@ -101,9 +89,9 @@ def test_sched_none_keeps_the_lr_constant():
     scheduler.load_state_dict(scheduler.state_dict())
 
 
-def test_sched_none_trains_end_to_end(tmp_path, monkeypatch):
-    code = train_main([*TINY, '--model', 'test_resnet', '--sched', 'none', '--lr', '0.02', '--epochs', '2',
-                       '--sched-on-updates', '--output', str(tmp_path), '--experiment', 'none'], monkeypatch)
+def test_sched_none_trains_end_to_end(tmp_path):
+    code = train_in_process([*TINY, '--model', 'test_resnet', '--sched', 'none', '--lr', '0.02', '--epochs', '2',
+                             '--sched-on-updates', '--output', str(tmp_path), '--experiment', 'none'])
     assert code == 0
     assert [float(r['lr']) for r in read_summary(tmp_path / 'none')] == [0.02, 0.02]
 
@@ -129,9 +117,9 @@ def test_warmup_prefix_configs_train_what_their_comments_say():
         assert epochs == 300, config.name
 
 
-def test_a_run_lengthened_by_warmup_prefix_says_so(tmp_path, monkeypatch):
-    code = train_main([*TINY, '--model', 'test_resnet', '--warmup-prefix', '--warmup-epochs', '1', '--epochs', '1',
-                       '--output', str(tmp_path), '--experiment', 'prefix'], monkeypatch)
+def test_a_run_lengthened_by_warmup_prefix_says_so(tmp_path):
+    code = train_in_process([*TINY, '--model', 'test_resnet', '--warmup-prefix', '--warmup-epochs', '1', '--epochs', '1',
+                             '--output', str(tmp_path), '--experiment', 'prefix'])
     assert code == 0
     log = (tmp_path / 'prefix' / 'log.txt').read_text()
     assert '2 epochs of' in log and 'WARNING: --warmup-prefix adds the 1 warm-up epochs to --epochs 1' in log
@@ -187,8 +175,8 @@ def test_drop_block_and_batchnorm_flags_reach_the_student(tmp_path, monkeypatch)
         return model
     create = train.create_model_at_size
     monkeypatch.setattr(train, 'create_model_at_size', recording)
-    code = train_main([*TINY, '--model', 'test_resnet', '--drop-block', '0.2', '--bn-momentum', '0.01',
-                       '--bn-eps', '1e-3', '--output', str(tmp_path), '--experiment', 'flags'], monkeypatch)
+    code = train_in_process([*TINY, '--model', 'test_resnet', '--drop-block', '0.2', '--bn-momentum', '0.01',
+                             '--bn-eps', '1e-3', '--output', str(tmp_path), '--experiment', 'flags'])
     assert code == 0
     student = built[0]
     blocks = [m for m in student.modules() if type(m).__name__ == 'DropBlock2d']
@@ -224,8 +212,8 @@ def test_aug_repeats_reaches_the_train_loader(tmp_path, monkeypatch):
         loaders.append(create(*args, **kwargs))
         return loaders[-1]
     monkeypatch.setattr(train, 'create_train_loader', recording)
-    code = train_main([*TINY, '--model', 'test_resnet', '--aug-repeats', '2', '--output', str(tmp_path),
-                       '--experiment', 'ra'], monkeypatch)
+    code = train_in_process([*TINY, '--model', 'test_resnet', '--aug-repeats', '2', '--output', str(tmp_path),
+                             '--experiment', 'ra'])
     assert code == 0 and loaders[0].sampler.repeats == 2
 
 
